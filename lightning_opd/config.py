@@ -6,6 +6,7 @@ as ``config.json`` beside the stage's outputs, so every artefact says how it was
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -92,3 +93,39 @@ def prepare_output_dir(out_dir: str | Path, config: Any, *, overwrite: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out, name)
     return out
+
+
+def add_dataclass_args(parser, cls) -> None:
+    """One ``--flag`` per field of a flat dataclass config (help from ``field(metadata={"help": ...})``).
+
+    The config stays the single source of truth: defaults, types and help text live on the dataclass,
+    the command line only mirrors them.
+    """
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        helptext = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if isinstance(default, bool):
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
+            continue
+        kind = _field_type(f, default)
+        parser.add_argument(flag, type=kind, default=default, required=required, help=f"{helptext} (default: {default})")
+
+
+def _field_type(f, default):
+    text = str(f.type)
+    if default is not None:
+        return type(default) if not isinstance(default, (list, tuple)) else str
+    if "int" in text and "str" not in text and "float" not in text:
+        return int
+    if "float" in text and "str" not in text:
+        return float
+    return str
+
+
+def config_from_args(cls: type[T], args) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,57 @@
+# The two commands a newcomer needs:   make demo   |   make test
+# Both create .venv on first use and install what they need; nothing else is required by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch unless told otherwise; on a CUDA machine: make setup TORCH=torch
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-unit test-vllm test-slow test-gpu lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, so that the project's `torch>=2.4` keeps this build instead of pulling a CUDA one.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The whole pipeline on the embedded toy task (teacher -> SFT -> stage one -> stage two -> eval).
+demo: setup
+	$(BIN)/lopd demo
+
+## The test suite: the default suite, then the real-vLLM tests in their own environment.
+test: test-unit test-vllm
+
+test-unit: setup
+	$(BIN)/python -m pytest -q
+
+test-vllm: setup
+	bash .ci/vllm_env.sh
+	.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_scoring.py
+	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_train_step.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

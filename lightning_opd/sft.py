@@ -1,0 +1,140 @@
+"""Supervised fine-tuning on (prompt, response) token pairs, loss on response tokens only.
+
+Used by stage zero (the student learns the teacher's answers) and by the toy task's teacher
+pre-training (the teacher learns the gold worked solutions). A plain PyTorch loop under accelerate:
+mixed precision and ``accelerate launch`` come for free, nothing else is hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from lightning_opd.config import check
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SFTExample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS: the model must learn to stop
+
+
+@dataclass
+class SFTTrainConfig:
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
+    log_every: int = 50
+
+    def __post_init__(self):
+        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}")
+
+
+def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask, and labels that are IGNORE_INDEX on prompt and padding."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.prompt_ids + e.response_ids
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        labels[i, len(e.prompt_ids) : len(seq)] = torch.tensor(e.response_ids)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL over response tokens (labels != IGNORE_INDEX)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Position t predicts token t+1: shift so each label lines up with the logits that predict it.
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def train_sft(
+    model,
+    examples: list[SFTExample],
+    config: SFTTrainConfig,
+    *,
+    pad_id: int,
+    log: Callable[[str], None] = print,
+    on_eval: Callable[[int], None] | None = None,
+    eval_every: int = 0,
+) -> list[dict]:
+    """Train ``model`` in place; returns the logged metrics (one dict per ``log_every`` steps)."""
+    if not examples:
+        raise ValueError("no SFT examples to train on")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        # Linear warm-up then cosine decay to 10%: the usual recipe, robust for from-scratch toy models.
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    order: list[int] = []
+    history, start, tokens = [], time.time(), 0
+    for step in range(config.steps):
+        if len(order) < config.batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = order[: config.batch_size], order[config.batch_size :]
+        batch = {k: v.to(accelerator.device) for k, v in collate_sft([examples[i] for i in picked], pad_id).items()}
+        loss = response_nll(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        tokens += int(batch["attention_mask"].sum())
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            elapsed = time.time() - start
+            row = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / elapsed,
+                "elapsed_s": elapsed,
+            }
+            history.append(row)
+            log(
+                f"sft step {step + 1}/{config.steps} loss {row['loss']:.4f} gnorm {row['grad_norm']:.2f} "
+                f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s {elapsed:.0f}s"
+            )
+        if on_eval and eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            on_eval(step + 1)
+            model.train()
+    model.eval()
+    accelerator.unwrap_model(model)
+    return history

@@ -1,0 +1,62 @@
+"""Evaluate any model directory on a prompt set: greedy accuracy and sampled pass@k.
+
+    lopd eval --model runs/sft --prompts prompts/eval.jsonl --samples 4 --out runs/sft/eval.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_opd.config import check, write_json_atomic
+from lightning_opd.evaluation import VERIFIERS, EvalResult, evaluate_model, format_table
+from lightning_opd.modeling import load_causal_lm
+from lightning_opd.prompts import load_prompts
+
+
+@dataclass
+class EvalJobConfig:
+    model: str = field(metadata={"help": "model directory"})
+    prompts: str = field(metadata={"help": "prompt set with reference answers"})
+    out: str = field(default="", metadata={"help": "JSON file for the results (default: none)"})
+    name: str = field(default="", metadata={"help": "row label (default: the model path)"})
+    prompt_field: str = "prompt"
+    verifier: str = "addition"
+    limit: int = 0
+    max_new_tokens: int = 64
+    greedy: bool = True
+    samples: int = field(default=0, metadata={"help": "sampled responses per prompt for pass@k (0 = none)"})
+    ks: str = field(default="1,4", metadata={"help": "comma-separated k values for pass@k"})
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 256
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    chat_template: str = "auto"
+
+    def __post_init__(self):
+        check(self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}")
+        check(self.greedy or self.samples > 0, "nothing to evaluate: pass --greedy or --samples N")
+        check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
+
+
+def run(config: EvalJobConfig, log=print) -> EvalResult:
+    model, tokenizer = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
+    records = load_prompts(config.prompts, prompt_field=config.prompt_field, limit=config.limit or None)
+    result = evaluate_model(
+        model, tokenizer, records, model_name=config.name or config.model, verifier=config.verifier,
+        max_new_tokens=config.max_new_tokens, greedy=config.greedy, samples=config.samples,
+        ks=tuple(int(k) for k in config.ks.split(",") if k), temperature=config.temperature, top_p=config.top_p,
+        batch_size=config.batch_size, seed=config.seed, backend=config.backend, chat_template=config.chat_template,
+    )
+    log(format_table([result]))
+    if config.out:
+        write_json_atomic(Path(config.out), {"config": config.__dict__, "result": result.as_dict()})
+    return result
+
+
+def load_result(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())["result"]

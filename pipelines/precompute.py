@@ -1,0 +1,255 @@
+"""Stage one: student rollouts, then teacher scoring, into a sharded Parquet logprob store.
+
+    lopd precompute --student runs/sft --teacher runs/teacher --prompts prompts/opd.jsonl --out runs/store
+    # the same in two steps (e.g. rollouts on one machine, scoring on another):
+    lopd rollout --student runs/sft --prompts prompts/opd.jsonl --out runs/rollouts
+    lopd score --rollouts runs/rollouts --teacher runs/teacher --out runs/store
+    # scale out: N processes (any scheduler), then one merge
+    lopd precompute ... --shard-index $i --num-shards N   # for i in 0..N-1
+    lopd store finalize runs/store
+
+Work is cut into fixed *parts* of the prompt set (``--part-size`` prompts each); worker i of N does
+the parts with ``part % N == i``, so a sharded run writes exactly the parts a single run would. A part
+is committed once written; a rerun after a crash skips committed parts. The sampler and the teacher
+never share the device: all of this worker's rollouts are written first, then the teacher scores them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from lightning_opd.config import check, prepare_output_dir
+from lightning_opd.consistency import teacher_consistency
+from lightning_opd.evaluation import VERIFIERS
+from lightning_opd.logprobs import score_sequences
+from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
+from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
+from lightning_opd.store import StoreWriter, open_store, read_part
+from storage_schemas.logprob_store_v1 import TOPK_TAIL_TREATMENTS
+
+
+@dataclass
+class RolloutConfig:
+    student: str = field(metadata={"help": "SFT'd student model directory (samples the rollouts)"})
+    prompts: str = field(metadata={"help": "OPD prompt set (.jsonl, .parquet or datasets dir)"})
+    out: str = field(metadata={"help": "output store directory"})
+    prompt_field: str = "prompt"
+    chat_template: str = "auto"
+    verifier: str = field(default="addition", metadata={"help": "grades responses into `reward` when answers exist"})
+    n: int = field(default=1, metadata={"help": "rollouts per prompt"})
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = field(default=64, metadata={"help": "rollout horizon T (stage two may use any H <= T)"})
+    seed: int = 0
+    backend: str = field(default="auto", metadata={"help": "rollout backend: auto (vLLM if installed) | vllm | transformers"})
+    sample_batch_size: int = 256
+    part_size: int = field(default=256, metadata={"help": "prompts per part (the unit of commit, resume and sharding)"})
+    shard_index: int = 0
+    num_shards: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    keep_text: bool = field(default=True, metadata={"help": "store decoded response text (RepRate needs it)"})
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.part_size >= 1, f"part_size must be >= 1, got {self.part_size}")
+        check(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
+        check(0 <= self.shard_index < self.num_shards, f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        check(self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}")
+
+
+@dataclass
+class ScoreConfig:
+    rollouts: str = field(metadata={"help": "rollouts store written by `lopd rollout`"})
+    teacher: str = field(metadata={"help": "teacher model directory (must be the student's SFT teacher)"})
+    out: str = field(metadata={"help": "output store directory"})
+    topk: int = field(default=0, metadata={"help": "also store the teacher's top-k ids and log-probs per position"})
+    topk_tail: str = field(default="renormalize", metadata={"help": "how objectives treat mass outside the top-k"})
+    allow_inconsistent_teacher: bool = field(default=False, metadata={"help": "score with a teacher other than the SFT teacher (recorded in the manifest)"})
+    sft_teacher: str = field(default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"})
+    max_tokens_per_batch: int = 16384
+    chunk_size: int = 1024
+    shard_index: int = 0
+    num_shards: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
+        check(self.topk_tail in TOPK_TAIL_TREATMENTS, f"topk_tail must be one of {TOPK_TAIL_TREATMENTS}, got {self.topk_tail!r}")
+        check(0 <= self.shard_index < self.num_shards, f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+
+
+@dataclass
+class PrecomputeConfig(RolloutConfig):
+    teacher: str = field(default="", metadata={"help": "teacher model directory (must be the student's SFT teacher)"})
+    topk: int = 0
+    topk_tail: str = "renormalize"
+    allow_inconsistent_teacher: bool = False
+    sft_teacher: str = ""
+    max_tokens_per_batch: int = 16384
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(bool(self.teacher), "precompute needs --teacher (or run `lopd rollout` alone)")
+        self.score_config()
+
+    def score_config(self) -> ScoreConfig:
+        return ScoreConfig(
+            rollouts=str(Path(self.out) / "_rollouts"), teacher=self.teacher, out=self.out, topk=self.topk,
+            topk_tail=self.topk_tail, allow_inconsistent_teacher=self.allow_inconsistent_teacher,
+            sft_teacher=self.sft_teacher, max_tokens_per_batch=self.max_tokens_per_batch,
+            chunk_size=self.chunk_size, shard_index=self.shard_index, num_shards=self.num_shards,
+            dtype=self.dtype, device=self.device, overwrite=self.overwrite,
+        )
+
+
+def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
+    return [p for p in range(num_parts) if p % num_shards == shard_index]
+
+
+def finalize_if_complete(writer: StoreWriter, num_shards: int, log) -> bool:
+    if writer.is_complete():
+        manifest = writer.finalize()
+        log(f"stage 1: store {writer.root} complete: {manifest.stats['num_rollouts']} rollouts, {len(manifest.shards)} shards")
+        return True
+    if num_shards > 1:
+        log(f"stage 1: this worker's parts are committed; after all {num_shards} workers finish, run `lopd store finalize {writer.root}`")
+    return False
+
+
+def run_rollouts(config: RolloutConfig, log=print) -> Path:
+    out = Path(config.out)
+    student_id = model_identity(config.student)
+    records = load_prompts(config.prompts, prompt_field=config.prompt_field)
+    tokenizer = load_tokenizer(config.student)
+    student_id.dtype = config.dtype
+    context = getattr(AutoConfig.from_pretrained(config.student), "max_position_embeddings", None) or 10**9
+    encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
+    # A prompt with no room left for even one response token cannot be rolled out: skip and count it.
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context]
+    skipped = len(records) - len(keep)
+    if skipped:
+        warnings.warn(f"stage 1: skipped {skipped} of {len(records)} prompts that are empty or do not fit the student's {context}-token context", stacklevel=1)
+    if not keep:
+        from lightning_opd.errors import InputError
+
+        raise InputError(f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context")
+    sampling = SamplingConfig(
+        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+        seed=config.seed, batch_size=config.sample_batch_size, backend=config.backend, dtype=config.dtype,
+    )
+    # Given the directory, the sampler loads the model itself: vLLM when installed, else transformers.
+    sampler = make_sampler(config.student, sampling, config.device)
+    header = {
+        "kind": "rollouts",
+        "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
+        "sampling": {
+            "backend": sampler.name, "backend_version": sampler.version, "n": config.n,
+            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed, "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+        },
+        "horizon": config.max_new_tokens,
+        "prompt_set": {
+            "source": str(Path(config.prompts).resolve()), "content_hash": prompt_set_hash(records),
+            "num_prompts": len(records), "skipped_prompts": skipped, "part_size": config.part_size,
+        },
+        "teacher": None, "teacher_consistency": None, "topk": None, "extra": {},
+    }
+    from lightning_opd.provenance import read_provenance
+
+    provenance = read_provenance(config.student)
+    if provenance and provenance.sft_teacher:
+        header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
+    num_parts = math.ceil(len(keep) / config.part_size)
+    writer = StoreWriter(out, header, num_parts=num_parts, topk=None, with_text=config.keep_text)
+    todo = [p for p in my_parts(num_parts, config.shard_index, config.num_shards) if p not in writer.committed_parts()]
+    log(f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})")
+    answers = {r.prompt_id: r.answer for r in records}
+    grade = VERIFIERS[config.verifier]
+    for part in tqdm(todo, desc="rollout parts", unit="part"):
+        idx = keep[part * config.part_size : (part + 1) * config.part_size]
+        rollouts = sampler.sample([encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part)
+        rows = [
+            {
+                "prompt_id": r.prompt_id, "sample_index": r.sample_index, "prompt_ids": r.prompt_ids,
+                "response_ids": r.response_ids, "behavior_logprobs": r.behavior_logprobs,
+                "teacher_logprobs": None, "finish_reason": r.finish_reason,
+                "reward": None if answers[r.prompt_id] is None else grade(r.response_text, answers[r.prompt_id]),
+                "response_text": r.response_text if config.keep_text else None,
+            }
+            for r in rollouts
+        ]
+        writer.write_part(part, rows)
+    sampler.close()
+    finalize_if_complete(writer, config.num_shards, log)
+    return out
+
+
+def run_scoring(config: ScoreConfig, log=print) -> Path:
+    rollouts_root = Path(config.rollouts)
+    rollout_header = StoreWriter.read_header(rollouts_root)
+    student = rollout_header["student"]
+    teacher_id = model_identity(config.teacher)
+    # Every check that can fail does so before the teacher is loaded.
+    check_same_tokenizer(model_identity(student["path"]), teacher_id, "stage 1 (scoring)")
+    consistency = teacher_consistency(
+        student_path=student["path"], teacher=teacher_id, allow_inconsistent=config.allow_inconsistent_teacher,
+        declared_sft_teacher=config.sft_teacher or None, log=log,
+    )
+    teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
+    teacher_id.dtype = str(teacher.dtype).replace("torch.", "")
+    header = {
+        **rollout_header,
+        "kind": "scored",
+        "teacher": asdict(teacher_id),
+        "teacher_consistency": consistency,
+        "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
+    }
+    num_parts = StoreWriter.read_num_parts(rollouts_root)
+    writer = StoreWriter(Path(config.out), header, num_parts=num_parts, topk=config.topk or None, with_text=True)
+    todo = [p for p in my_parts(num_parts, config.shard_index, config.num_shards) if p not in writer.committed_parts()]
+    log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()}")
+    for part in tqdm(todo, desc="scoring parts", unit="part"):
+        rows = read_part(rollouts_root, part).to_pylist()
+        scored = score_sequences(
+            teacher, [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], topk=config.topk,
+            max_tokens_per_batch=config.max_tokens_per_batch, chunk_size=config.chunk_size,
+        )
+        for row, s in zip(rows, scored):
+            row["teacher_logprobs"] = s.logprobs.tolist()
+            if config.topk:
+                row["teacher_topk_ids"] = s.topk_ids.tolist()
+                row["teacher_topk_logprobs"] = s.topk_logprobs.tolist()
+        writer.write_part(part, rows)
+    finalize_if_complete(writer, config.num_shards, log)
+    return Path(config.out)
+
+
+def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
+    if isinstance(config, PrecomputeConfig):
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="precompute_config.json")
+        rollout_config = RolloutConfig(**{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__})
+        rollout_config.out = str(Path(config.out) / "_rollouts")
+        run_rollouts(rollout_config, log)
+        out = run_scoring(config.score_config(), log)
+    elif isinstance(config, RolloutConfig):
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="rollout_config.json")
+        out = run_rollouts(config, log)
+    else:
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="score_config.json")
+        out = run_scoring(config, log)
+    if (Path(out) / "manifest.json").exists():
+        open_store(out)  # reopen through the reader: what a user gets is what we checked
+    return out

@@ -1,0 +1,133 @@
+"""Stage zero: teacher-consistent SFT. The teacher answers the SFT prompts; the student learns them.
+
+    lopd sft --teacher runs/teacher --student runs/student-init --prompts prompts/sft.jsonl --out runs/sft
+
+Writes into ``--out``: ``config.json`` (this job's config), ``sft_data.jsonl`` (the teacher's answers,
+reusable), the fine-tuned student (``save_pretrained``), ``metrics.jsonl`` and
+``lopd_provenance.json``, which records the teacher's identity: stage one refuses to score this
+student with any other teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lightning_opd.config import check, prepare_output_dir
+from lightning_opd.errors import InputError
+from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
+from lightning_opd.prompts import encode_prompt, load_prompts
+from lightning_opd.provenance import Provenance, write_provenance
+from lightning_opd.rollout import SamplingConfig, make_sampler
+from lightning_opd.sft import SFTExample, SFTTrainConfig, train_sft
+
+
+@dataclass
+class SFTJobConfig:
+    teacher: str = field(metadata={"help": "teacher model directory (writes the SFT answers)"})
+    student: str = field(metadata={"help": "student model directory to fine-tune"})
+    prompts: str = field(metadata={"help": "SFT prompt set (.jsonl, .parquet or datasets dir)"})
+    out: str = field(metadata={"help": "output directory for the fine-tuned student"})
+    prompt_field: str = "prompt"
+    samples_per_prompt: int = field(default=1, metadata={"help": "teacher answers per prompt"})
+    temperature: float = field(default=0.7, metadata={"help": "teacher sampling temperature (0 = greedy)"})
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    keep_correct_only: bool = field(default=False, metadata={"help": "drop teacher answers the verifier rejects"})
+    verifier: str = "addition"
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    mixed_precision: str = "no"
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = field(default="auto", metadata={"help": "teacher sampling backend: auto|vllm|transformers"})
+    chat_template: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.train_config()  # validates the training fields early
+
+    def train_config(self) -> SFTTrainConfig:
+        return SFTTrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, seed=self.seed, mixed_precision=self.mixed_precision,
+        )
+
+
+def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
+    """Sample the teacher's answers (cached in sft_data.jsonl so a rerun skips generation)."""
+    cache = Path(config.out) / "sft_data.jsonl"
+    if cache.exists():
+        log(f"stage 0: reusing teacher answers in {cache}")
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    tokenizer = load_tokenizer(config.teacher)
+    sampling = SamplingConfig(
+        n=config.samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens, seed=config.seed, backend=config.backend, dtype=config.dtype,
+        batch_size=256,
+    )
+    prompt_ids = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
+    log(f"stage 0: teacher answers {len(records)} prompts x {config.samples_per_prompt}")
+    sampler = make_sampler(config.teacher, sampling, config.device)
+    rollouts = sampler.sample(prompt_ids, [r.prompt_id for r in records], config.seed)
+    sampler.close()
+    answers = {r.prompt_id: r.answer for r in records}
+    from lightning_opd.evaluation import VERIFIERS
+
+    rows = []
+    for r in rollouts:
+        correct = None if answers[r.prompt_id] is None else VERIFIERS[config.verifier](r.response_text, answers[r.prompt_id])
+        rows.append(
+            {"prompt_id": r.prompt_id, "sample_index": r.sample_index, "prompt_ids": r.prompt_ids,
+             "response_ids": r.response_ids, "response_text": r.response_text, "finish_reason": r.finish_reason,
+             "correct": correct}
+        )
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(cache)
+    return rows
+
+
+def run(config: SFTJobConfig, log=print) -> Path:
+    out = prepare_output_dir(config.out, config, overwrite=config.overwrite)
+    # Identity and tokenizer checks come first: a mismatch must fail before minutes of generation.
+    teacher_id = model_identity(config.teacher)
+    student_id = model_identity(config.student)
+    check_same_tokenizer(student_id, teacher_id, "stage 0 (SFT)")
+    records = load_prompts(config.prompts, prompt_field=config.prompt_field)
+    rows = teacher_answers(config, records, log)
+    if config.keep_correct_only:
+        rows = [r for r in rows if r["correct"]]
+    # Truncated answers teach the student to ramble; keep only the ones that ended on EOS.
+    examples = [SFTExample(r["prompt_ids"], r["response_ids"]) for r in rows if r["finish_reason"] == "stop"]
+    if not examples:
+        raise InputError("stage 0: no usable teacher answers (all truncated or rejected); raise --max-new-tokens")
+    correct = [r["correct"] for r in rows if r["correct"] is not None]
+    if correct:
+        log(f"stage 0: {len(examples)} SFT examples; teacher answers correct: {100 * sum(correct) / len(correct):.1f}%")
+    student, tokenizer = load_causal_lm(config.student, dtype="float32", device=config.device)
+    history = train_sft(student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    write_provenance(
+        out,
+        Provenance(
+            stage="sft",
+            model_fingerprint=model_fingerprint(out),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            sft_teacher=asdict(teacher_id),
+            config=asdict(config),
+            inputs={"student_init": asdict(student_id), "num_examples": len(examples)},
+        ),
+    )
+    log(f"stage 0: fine-tuned student saved to {out}")
+    return out
