@@ -68,11 +68,15 @@ def save_config(config: Any, out_dir: str | Path, name: str = "config.json") -> 
     return path
 
 
-def prepare_output_dir(out_dir: str | Path, config: Any, *, overwrite: bool = False, name: str = "config.json") -> Path:
+def prepare_output_dir(
+    out_dir: str | Path, config: Any, *, overwrite: bool = False, name: str = "config.json", ignore: frozenset = frozenset()
+) -> Path:
     """Create ``out_dir`` for a run of ``config``.
 
     An existing directory is accepted when it holds the *same* config (a resume) or is empty; one
     that holds a different run is refused unless ``overwrite`` is set, so no result is lost silently.
+    Fields in ``ignore`` (and ``overwrite`` itself) may differ: e.g. the shard index of workers that
+    fill one store together, or the step count of a resumed training run.
     """
     out = Path(out_dir)
     saved = out / name
@@ -84,7 +88,8 @@ def prepare_output_dir(out_dir: str | Path, config: Any, *, overwrite: bool = Fa
             )
         previous = json.loads(saved.read_text())
         current = to_dict(config)
-        differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        skip = set(ignore) | {"overwrite"}
+        differing = sorted(k for k in set(previous) | set(current) if k not in skip and previous.get(k) != current.get(k))
         if differing:
             raise OutputExistsError(
                 f"{out} already holds a different run (config differs in {differing}); choose a new "

@@ -131,8 +131,8 @@ class MetricsLog:
 
 
 def format_status(row: dict) -> str:
-    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}", f"adv {row.get('advantage_mean', math.nan):+.3f}"]
-    parts += [f"kl {row.get('kl_estimate', math.nan):.4f}", f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
+    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}", f"adv {row.get('adv_mean', math.nan):+.3f}"]
+    parts += [f"kl {row.get('kl_student_teacher', math.nan):.4f}", f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
     if "eval_accuracy" in row:
         parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
     return " | ".join(parts)

@@ -28,11 +28,20 @@ from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.logprobs import score_sequences
-from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
+from lightning_opd.modeling import (
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+    resolve_device,
+    resolve_dtype,
+)
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
-from lightning_opd.store import StoreWriter, open_store, read_part
-from storage_schemas.logprob_store_v1 import TOPK_TAIL_TREATMENTS
+from lightning_opd.store import StoreWriter, open_store
+from lightning_opd.store.reader import read_part
+from lightning_opd.store.writer import read_saved_header
+from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS
 
 
 @dataclass
@@ -107,12 +116,16 @@ class PrecomputeConfig(RolloutConfig):
 
     def score_config(self) -> ScoreConfig:
         return ScoreConfig(
-            rollouts=str(Path(self.out) / "_rollouts"), teacher=self.teacher, out=self.out, topk=self.topk,
+            rollouts=str(Path(self.out) / ROLLOUTS_SUBDIR), teacher=self.teacher, out=self.out, topk=self.topk,
             topk_tail=self.topk_tail, allow_inconsistent_teacher=self.allow_inconsistent_teacher,
             sft_teacher=self.sft_teacher, max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size, shard_index=self.shard_index, num_shards=self.num_shards,
             dtype=self.dtype, device=self.device, overwrite=self.overwrite,
         )
+
+
+# Workers of one sharded run share the output directory and differ only in these.
+SHARD_FIELDS = frozenset({"shard_index"})
 
 
 def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
@@ -121,8 +134,8 @@ def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
 
 def finalize_if_complete(writer: StoreWriter, num_shards: int, log) -> bool:
     if writer.is_complete():
-        manifest = writer.finalize()
-        log(f"stage 1: store {writer.root} complete: {manifest.stats['num_rollouts']} rollouts, {len(manifest.shards)} shards")
+        manifest = writer.finalize(num_shards)
+        log(f"stage 1: store {writer.root} complete: {manifest.stats.num_rollouts} rollouts, {len(manifest.shards)} shards")
         return True
     if num_shards > 1:
         log(f"stage 1: this worker's parts are committed; after all {num_shards} workers finish, run `lopd store finalize {writer.root}`")
@@ -134,7 +147,7 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     student_id = model_identity(config.student)
     records = load_prompts(config.prompts, prompt_field=config.prompt_field)
     tokenizer = load_tokenizer(config.student)
-    student_id.dtype = config.dtype
+    student_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace("torch.", "")
     context = getattr(AutoConfig.from_pretrained(config.student), "max_position_embeddings", None) or 10**9
     encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
     # A prompt with no room left for even one response token cannot be rolled out: skip and count it.
@@ -173,8 +186,10 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     if provenance and provenance.sft_teacher:
         header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
     num_parts = math.ceil(len(keep) / config.part_size)
-    writer = StoreWriter(out, header, num_parts=num_parts, topk=None, with_text=config.keep_text)
-    todo = [p for p in my_parts(num_parts, config.shard_index, config.num_shards) if p not in writer.committed_parts()]
+    writer = StoreWriter(out, header, num_parts=num_parts, topk=None, with_text=config.keep_text, with_reward=True)
+    mine = my_parts(num_parts, config.shard_index, config.num_shards)
+    done = writer.committed_parts(mine)  # checksums each of this worker's shards once
+    todo = [p for p in mine if p not in done]
     log(f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})")
     answers = {r.prompt_id: r.answer for r in records}
     grade = VERIFIERS[config.verifier]
@@ -199,6 +214,10 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
 
 def run_scoring(config: ScoreConfig, log=print) -> Path:
     rollouts_root = Path(config.rollouts)
+    if not (rollouts_root / "commits").exists() and not (rollouts_root / "manifest.json").exists():
+        from lightning_opd.errors import StoreError
+
+        raise StoreError(f"{rollouts_root} holds no rollouts store; run `lopd rollout` first")
     rollout_header = StoreWriter.read_header(rollouts_root)
     student = rollout_header["student"]
     teacher_id = model_identity(config.teacher)
@@ -212,14 +231,22 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     teacher_id.dtype = str(teacher.dtype).replace("torch.", "")
     header = {
         **rollout_header,
+        # A declared SFT teacher (--sft-teacher) fills in what the student's provenance could not say.
+        "student": {**student, "sft_teacher_fingerprint": consistency["sft_teacher_fingerprint"]},
         "kind": "scored",
         "teacher": asdict(teacher_id),
         "teacher_consistency": consistency,
         "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
     }
-    num_parts = StoreWriter.read_num_parts(rollouts_root)
-    writer = StoreWriter(Path(config.out), header, num_parts=num_parts, topk=config.topk or None, with_text=True)
-    todo = [p for p in my_parts(num_parts, config.shard_index, config.num_shards) if p not in writer.committed_parts()]
+    saved = read_saved_header(rollouts_root)
+    columns = set(saved["columns"])
+    writer = StoreWriter(
+        Path(config.out), header, num_parts=int(saved["num_parts"]), topk=config.topk or None,
+        with_text="response_text" in columns, with_reward="reward" in columns,
+    )
+    mine = my_parts(writer.num_parts, config.shard_index, config.num_shards)
+    done = writer.committed_parts(mine)
+    todo = [p for p in mine if p not in done]
     log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()}")
     for part in tqdm(todo, desc="scoring parts", unit="part"):
         rows = read_part(rollouts_root, part).to_pylist()
@@ -239,16 +266,16 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
 
 def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
     if isinstance(config, PrecomputeConfig):
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="precompute_config.json")
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
         rollout_config = RolloutConfig(**{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__})
-        rollout_config.out = str(Path(config.out) / "_rollouts")
+        rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
         run_rollouts(rollout_config, log)
         out = run_scoring(config.score_config(), log)
     elif isinstance(config, RolloutConfig):
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="rollout_config.json")
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
         out = run_rollouts(config, log)
     else:
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="score_config.json")
+        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
         out = run_scoring(config, log)
     if (Path(out) / "manifest.json").exists():
         open_store(out)  # reopen through the reader: what a user gets is what we checked

@@ -178,7 +178,7 @@ def run(config: TrainConfig, log=print) -> Path:
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     out = Path(config.out)
     if accelerator.is_main_process:
-        prepare_output_dir(out, config, overwrite=config.overwrite)
+        prepare_output_dir(out, config, overwrite=config.overwrite, ignore=frozenset(RESUMABLE_FIELDS))
     accelerator.wait_for_everyone()
     student_fp = model_fingerprint(config.student)
     stores, weights, store_horizon, topk = open_stores(config, student_fp)
@@ -222,7 +222,7 @@ def run(config: TrainConfig, log=print) -> Path:
         rows = [next(stream) for _ in range(config.batch_size)][rank::world]  # every rank reads the same sequence
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, response_tokens = 0.0, 0, 0
         for j, chunk in enumerate(micro):
             batch = collate(chunk, horizon, tokenizer.pad_token_id, topk).to(accelerator.device)
             sync = accelerator.no_sync(model) if j < len(micro) - 1 else _nullcontext()
@@ -235,8 +235,10 @@ def run(config: TrainConfig, log=print) -> Path:
                 accelerator.backward(loss)
             loss_sum += loss.item()
             tokens += int(batch.attention_mask.sum())
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
+            response_tokens += batch.num_tokens
+            for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
+                if k != "tokens":
+                    totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise TrainingError(f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr")
@@ -245,9 +247,10 @@ def run(config: TrainConfig, log=print) -> Path:
         optimizer.zero_grad(set_to_none=True)
         elapsed = timer() - t0
         row = {
+            **totals,
             "step": step + 1, "horizon": horizon, "loss": loss_sum, "grad_norm": float(grad_norm),
             "lr": scheduler.get_last_lr()[0], "tokens": tokens * world, "tokens_per_s": tokens * world / elapsed,
-            "step_time_s": elapsed, "elapsed_s": timer() - started, **totals,
+            "response_tokens": response_tokens * world, "step_time_s": elapsed, "elapsed_s": timer() - started,
         }
         if eval_records and config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
             row["eval_accuracy"] = evaluate(accelerator, model, tokenizer, eval_records, config, store_horizon)

@@ -1,0 +1,505 @@
+"""Memory-bounded token log-probs: never a full ``[batch, seq, vocab]`` tensor in fp32.
+
+At the scale this project targets (an 8B teacher, 150k vocabulary, 16k-token rollouts) a full fp32
+log-softmax over one sequence is ~9 GiB, more than the rest of the forward pass. So the kernels here
+take the model's *final hidden states* and the LM head's weight, and compute logits for one chunk of
+positions at a time in the model's dtype; only that chunk is upcast to fp32 for the logsumexp, and
+the entries we keep (the sampled token, a top-k, or a given support) are gathered from it.
+
+Positions are flattened before chunking, so ``chunk_size`` counts token positions over the whole
+batch: peak extra memory is O(chunk_size · vocab) whatever the batch size or sequence length.
+
+``score_sequences`` is the stage-one teacher (and behaviour-policy) scoring call built on these
+kernels: length-bucketed batches, right padding, logits only at response positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from lightning_opd.config import check
+from lightning_opd.errors import InputError
+
+DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's output head
+
+
+@dataclass(frozen=True)
+class LogitPostprocess:
+    """An elementwise map some architectures apply to ``lm_head(h)``: ``softcap(scale · z)``.
+
+    ``scale`` covers Cohere's ``logit_scale``, Granite's ``1 / logits_scaling`` and Falcon-H1's
+    ``lm_head_multiplier``; ``softcap`` is Gemma's ``final_logit_softcapping`` (``c · tanh(z / c)``).
+    Both maps are monotone, so a top-k of the raw logits is the top-k of the processed ones.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        check(
+            self.scale > 0 and math.isfinite(self.scale),
+            f"logit scale must be finite and > 0, got {self.scale}",
+        )
+        check(self.softcap is None or self.softcap > 0, f"softcap must be None or > 0, got {self.softcap}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+IDENTITY = LogitPostprocess()
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_postprocess(model) -> LogitPostprocess:
+    """The known post-processing of ``model``'s logits, read from its config.
+
+    Anything this does not know about is caught by ``verify_output_head`` (which ``score_sequences``
+    runs), so an unknown architecture is refused rather than silently mis-scored.
+    """
+    config = _text_config(model)
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    if getattr(config, "lm_head_multiplier", None) is not None:  # Falcon-H1: logits * multiplier
+        scale *= float(config.lm_head_multiplier)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    return LogitPostprocess(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def output_head(model) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] | None)`` of the model's LM head (tied weights included)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise InputError(
+            f"{type(model).__name__} has no linear LM head (get_output_embeddings() gave {type(head).__name__}); "
+            "load the model with AutoModelForCausalLM"
+        )
+    return weight, getattr(head, "bias", None)
+
+
+def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """``[B, S, H]`` hidden states after the decoder's final norm, i.e. the LM head's input.
+
+    Right padding only: positions are taken as 0..S-1, which is what a right-padded batch needs.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if decoder is model:
+        raise InputError(
+            f"{type(model).__name__} exposes no decoder module; load it with AutoModelForCausalLM"
+        )
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def verify_output_head(
+    model, input_ids: Tensor, postprocess: LogitPostprocess | None = None, *, max_tokens: int = 16
+) -> None:
+    """Check that ``postprocess(lm_head(final_hidden_states))`` reproduces ``model(...).logits``.
+
+    One tiny forward on the first ``max_tokens`` tokens of one sequence. It catches architectures
+    whose logits are post-processed in a way ``logit_postprocess`` does not know, and decoders whose
+    output is not the LM head's input; both would otherwise give plausible but wrong log-probs.
+    """
+    postprocess = postprocess if postprocess is not None else logit_postprocess(model)
+    ids = input_ids[:1, :max_tokens]
+    with torch.inference_mode():
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        weight, bias = output_head(model)
+        ours = postprocess(F.linear(final_hidden_states(model, ids), weight, bias).float())
+    # Both paths run the same ops in the same dtype; the tolerance only absorbs kernel differences
+    # (a few ulps of the largest logit), far below what a missing scale or softcap changes.
+    relative = 1e-3 if weight.dtype == torch.float32 else 2e-2
+    tolerance = relative * (1.0 + expected.abs().max().item())
+    error = (ours - expected).abs().max().item()
+    if not error <= tolerance:
+        raise InputError(
+            f"{type(model).__name__}: logits from its LM head differ from model(...).logits by {error:.3g} "
+            f"(tolerance {tolerance:.3g}); its logits are post-processed in a way lightning-opd does not "
+            "replicate, so it cannot be scored here"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked kernels on hidden states
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(h, weight, bias)  # model dtype: the only [chunk, V] tensor not in fp32
+
+
+def _logprobs_at(logits: Tensor, index: Tensor, postprocess: LogitPostprocess) -> Tensor:
+    """fp32 ``log_softmax(postprocess(logits))`` gathered at ``index [c, K]``; ``logits`` is consumed.
+
+    With autograd: the fused ``log_softmax`` (its backward is one fused kernel too). Without: the
+    entries are gathered first and the normaliser is computed *in place* on the fp32 chunk, which
+    needs no second [c, V] buffer and is ~2x faster on CPU than ``torch.logsumexp``.
+    """
+    z = postprocess(logits.float())  # the chunk's only fp32 copy (none at all for fp32 models)
+    if z.requires_grad:
+        return torch.log_softmax(z, dim=-1).gather(-1, index)
+    picked = z.gather(-1, index)
+    peak = z.amax(dim=-1, keepdim=True)
+    log_normaliser = z.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_().add_(peak)
+    return picked - log_normaliser
+
+
+def _token_chunk(h, weight, bias, targets, postprocess: LogitPostprocess) -> Tensor:
+    # Negative targets (an ignore index) gather id 0 and are zeroed below, instead of crashing.
+    out = _logprobs_at(_logits(h, weight, bias), targets.clamp_min(0).unsqueeze(-1), postprocess).squeeze(-1)
+    return torch.where(targets < 0, torch.zeros_like(out), out)
+
+
+def _ids_chunk(h, weight, bias, ids, postprocess: LogitPostprocess) -> Tensor:
+    out = _logprobs_at(_logits(h, weight, bias), ids.clamp_min(0), postprocess)
+    return torch.where(ids < 0, torch.zeros_like(out), out)
+
+
+def _topk_chunk(h, weight, bias, k: int, postprocess: LogitPostprocess) -> tuple[Tensor, Tensor]:
+    logits = _logits(h, weight, bias)
+    ids = logits.topk(k, dim=-1).indices  # the postprocess is monotone: same top-k
+    return ids.to(torch.int32), _logprobs_at(logits, ids, postprocess)
+
+
+def _run_chunks(fn, hidden: Tensor, per_position: Tensor, chunk_size: int, use_checkpoint: bool) -> Tensor:
+    """Apply ``fn(h_chunk, per_position_chunk)`` over flattened positions and concatenate."""
+    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    lead = hidden.shape[:-1]
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_x = per_position.reshape(flat_h.shape[0], *per_position.shape[len(lead) :])
+    outs = []
+    for start in range(0, flat_h.shape[0], chunk_size):
+        h, x = flat_h[start : start + chunk_size], flat_x[start : start + chunk_size]
+        if use_checkpoint:
+            # Keep only the chunk's inputs for backward; its [chunk, V] logits are recomputed there.
+            outs.append(torch_checkpoint(fn, h, x, use_reentrant=False))
+        else:
+            outs.append(fn(h, x))
+    if not outs:
+        return flat_h.new_zeros((0, *flat_x.shape[1:]), dtype=torch.float32).reshape(*lead, *flat_x.shape[1:])
+    return torch.cat(outs).reshape(*lead, *flat_x.shape[1:])
+
+
+def _wants_checkpoint(checkpoint: bool, *tensors: Tensor | None) -> bool:
+    return checkpoint and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = False,
+    postprocess: LogitPostprocess = IDENTITY,
+) -> Tensor:
+    """fp32 ``log softmax(postprocess(hidden @ weight.T + bias))[..., targets]``, shape ``hidden.shape[:-1]``.
+
+    ``hidden[..., i, :]`` must already be the state that predicts ``targets[..., i]`` (shift outside).
+    A negative target (e.g. -100 at padding) yields 0.0 there. ``checkpoint=True`` (training)
+    recomputes each chunk's logits in backward, so autograd holds O(chunk·V), never O(B·S·V);
+    without it, backward keeps every chunk's fp32 logits.
+    """
+    check(
+        targets.shape == hidden.shape[:-1],
+        f"targets shape {tuple(targets.shape)} != {tuple(hidden.shape[:-1])}",
+    )
+
+    def fn(h, t):
+        return _token_chunk(h, weight, bias, t, postprocess)
+
+    return _run_chunks(fn, hidden, targets, chunk_size, _wants_checkpoint(checkpoint, hidden, weight, bias))
+
+
+def logprobs_at_ids_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = False,
+    postprocess: LogitPostprocess = IDENTITY,
+) -> Tensor:
+    """fp32 full-vocabulary log-probs at ``ids [..., K]`` (e.g. the student on the teacher's top-k).
+
+    Negative ids yield 0.0. Same memory contract as ``token_logprobs_from_hidden``.
+    """
+    check(
+        ids.shape[:-1] == hidden.shape[:-1],
+        f"ids shape {tuple(ids.shape)} does not match hidden {tuple(hidden.shape)}",
+    )
+
+    def fn(h, x):
+        return _ids_chunk(h, weight, bias, x, postprocess)
+
+    return _run_chunks(fn, hidden, ids, chunk_size, _wants_checkpoint(checkpoint, hidden, weight, bias))
+
+
+def topk_logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    k: int,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    postprocess: LogitPostprocess = IDENTITY,
+) -> tuple[Tensor, Tensor]:
+    """``(ids int32 [..., k], log-probs fp32 [..., k])``: the k most likely tokens, most likely first.
+
+    No gradient path (the top-k is a teacher-side quantity); call under ``torch.no_grad`` or
+    ``inference_mode`` when ``hidden`` requires grad.
+    """
+    check(1 <= k <= weight.shape[0], f"k must be in [1, vocab={weight.shape[0]}], got {k}")
+    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids_out, lp_out = [], []
+    for start in range(0, flat.shape[0], chunk_size):
+        ids, lps = _topk_chunk(flat[start : start + chunk_size], weight, bias, k, postprocess)
+        ids_out.append(ids)
+        lp_out.append(lps)
+    if not ids_out:
+        return (
+            torch.zeros((*lead, k), dtype=torch.int32, device=hidden.device),
+            torch.zeros((*lead, k), dtype=torch.float32, device=hidden.device),
+        )
+    return torch.cat(ids_out).reshape(*lead, k), torch.cat(lp_out).reshape(*lead, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring whole sequences (stage one)
+
+
+@dataclass
+class ScoredSequence:
+    """Scores of one response. ``logprobs[t] = log π(y_t | prompt, y_<t)``; top-k fields when asked."""
+
+    logprobs: np.ndarray  # float32 [len(response)]
+    topk_ids: np.ndarray | None = None  # int32 [len(response), k]
+    topk_logprobs: np.ndarray | None = None  # float32 [len(response), k]
+
+
+def plan_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
+    """Group indices into batches of similar length whose padded size fits the token budget.
+
+    Longest first (an out-of-memory shows up on the first batch, not after an hour), and a
+    batch's cost is ``count × longest`` because right padding is computed too. A sequence longer
+    than the budget gets a batch of its own rather than an error.
+    """
+    check(max_tokens_per_batch >= 1, f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens_per_batch:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _collate(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    batch: list[int],
+    pad_id: int,
+    device,
+    vocab: int,
+):
+    """Right-padded ``input_ids``/``attention_mask`` plus flat (row, position, target) of response tokens."""
+    seqs = [list(prompts[i]) + list(responses[i]) for i in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for r, (i, seq) in enumerate(zip(batch, seqs)):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+        p, n = len(prompts[i]), len(responses[i])
+        # Response token t is predicted by the hidden state one position earlier.
+        rows.extend([r] * n)
+        positions.extend(range(p - 1, p - 1 + n))
+        targets.extend(responses[i])
+    # Checked on the CPU batch (vectorised): an out-of-range id would index garbage in the embedding.
+    real = ids[mask.bool()]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        raise InputError(
+            f"sequences {batch[:5]}...: token ids outside [0, {vocab}) for this model; wrong tokenizer?"
+        )
+    as_long = {"dtype": torch.long, "device": device}
+    return (
+        ids.to(device),
+        mask.to(device),
+        torch.tensor(rows, **as_long),
+        torch.tensor(positions, **as_long),
+        torch.tensor(targets, **as_long),
+    )
+
+
+def _validate_inputs(prompts, responses, topk: int, vocab: int) -> None:
+    if len(prompts) != len(responses):
+        raise InputError(
+            f"got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt"
+        )
+    check(0 <= topk <= vocab, f"topk must be in [0, vocab={vocab}], got {topk}")
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if len(p) == 0 and len(r) > 0:
+            raise InputError(
+                f"sequence {i} has an empty prompt: its first response token would have no context; "
+                "give every prompt at least one token (e.g. BOS)"
+            )
+
+
+def _model_device(model, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _pad_id(model) -> int:
+    pad = getattr(_text_config(model), "pad_token_id", None)
+    return int(pad) if pad is not None else 0  # any id works: padded positions are masked and unused
+
+
+def score_sequences(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    topk: int = 0,
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device=None,
+    progress: Callable[[int], None] | None = None,
+) -> list[ScoredSequence]:
+    """Score every response token under ``model`` (raw logits, temperature 1), in input order.
+
+    ``logprobs[t]`` of sequence i is ``log π(responses[i][t] | prompts[i], responses[i][:t])``.
+    Logits are computed only at response positions, in chunks (see module docstring). Batches are
+    filled up to ``max_tokens_per_batch`` tokens *including* padding. ``device`` is where inputs
+    go (default: the device of the model's first parameter). ``progress`` is called with the number
+    of sequences finished after each batch (``tqdm.update`` fits). Dropout is off while scoring.
+    """
+    weight, bias = output_head(model)
+    vocab = weight.shape[0]
+    _validate_inputs(prompts, responses, topk, vocab)
+    device = _model_device(model, device)
+    postprocess = logit_postprocess(model)
+    results: list[ScoredSequence | None] = [None] * len(prompts)
+    todo = []
+    for i, r in enumerate(responses):
+        if len(r) == 0:
+            results[i] = _empty_scored(topk)
+        else:
+            todo.append(i)
+    lengths = [len(prompts[i]) + len(responses[i]) for i in range(len(prompts))]
+    batches = [[todo[j] for j in b] for b in plan_batches([lengths[i] for i in todo], max_tokens_per_batch)]
+
+    was_training = model.training
+    model.eval()  # dropout would make the scores random
+    try:
+        with torch.inference_mode():
+            for n, batch in enumerate(batches):
+                ids, mask, rows, positions, targets = _collate(
+                    prompts, responses, batch, _pad_id(model), device, vocab
+                )
+                if n == 0:
+                    verify_output_head(model, ids, postprocess)
+                states = final_hidden_states(model, ids, mask)
+                # Keep only response states ([N, H]); with a device map the head may live elsewhere.
+                hidden = states[rows.to(states.device), positions.to(states.device)].to(weight.device)
+                targets = targets.to(weight.device)
+                lps = token_logprobs_from_hidden(
+                    hidden, weight, targets, bias=bias, chunk_size=chunk_size, postprocess=postprocess
+                )
+                top = None
+                if topk:
+                    top = topk_logprobs_from_hidden(
+                        hidden, weight, topk, bias=bias, chunk_size=chunk_size, postprocess=postprocess
+                    )
+                _scatter_results(results, batch, responses, lps, top)
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _empty_scored(topk: int) -> ScoredSequence:
+    if not topk:
+        return ScoredSequence(np.zeros(0, np.float32))
+    return ScoredSequence(
+        np.zeros(0, np.float32), np.zeros((0, topk), np.int32), np.zeros((0, topk), np.float32)
+    )
+
+
+def _scatter_results(results, batch, responses, lps: Tensor, top) -> None:
+    lps = lps.cpu().numpy()  # one device->host copy per batch, not per sequence
+    top_ids = top[0].cpu().numpy() if top is not None else None
+    top_lps = top[1].cpu().numpy() if top is not None else None
+    start = 0
+    for i in batch:
+        end = start + len(responses[i])
+        results[i] = ScoredSequence(
+            lps[start:end].copy(),
+            top_ids[start:end].copy() if top_ids is not None else None,
+            top_lps[start:end].copy() if top_lps is not None else None,
+        )
+        start = end
+
+
+def bare_forward(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    device=None,
+) -> int:
+    """``model(...).logits`` (full logits, no log-softmax) on the batches ``score_sequences`` would use.
+
+    For benchmarks: the cost floor scoring is compared with. Returns the number of response tokens.
+    """
+    device = _model_device(model, device)
+    todo = [i for i, r in enumerate(responses) if len(r)]
+    lengths = [len(prompts[i]) + len(responses[i]) for i in todo]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in plan_batches(lengths, max_tokens_per_batch):
+                batch = [todo[j] for j in batch]
+                ids, mask, *_ = _collate(
+                    prompts, responses, batch, _pad_id(model), device, output_head(model)[0].shape[0]
+                )
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                del logits  # freed before the next batch, as scoring frees its chunks
+    finally:
+        model.train(was_training)
+    return sum(len(responses[i]) for i in todo)

