@@ -40,7 +40,8 @@ def synthetic_rows(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int
         length = int(rng.integers(resp_len // 2, resp_len + 1))
         rows.append(
             {
-                "prompt_id": f"p{i}", "sample_index": 0,
+                "prompt_id": f"p{i}",
+                "sample_index": 0,
                 "prompt_ids": rng.integers(4, vocab, prompt_len).tolist(),
                 "response_ids": rng.integers(4, vocab, length).tolist(),
                 "behavior_logprobs": (-rng.exponential(1.0, length)).astype(np.float32).tolist(),
@@ -52,14 +53,31 @@ def synthetic_rows(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int
 
 
 def header(horizon: int) -> dict:
-    ident = {"path": "bench", "fingerprint": "fp1:bench", "tokenizer_fingerprint": "tok1:bench", "dtype": "float32"}
+    ident = {
+        "path": "bench",
+        "fingerprint": "fp1:bench",
+        "tokenizer_fingerprint": "tok1:bench",
+        "dtype": "float32",
+    }
     return {
-        "kind": "scored", "teacher": ident, "student": {**ident, "sft_teacher_fingerprint": "fp1:bench"},
+        "kind": "scored",
+        "teacher": ident,
+        "student": {**ident, "sft_teacher_fingerprint": "fp1:bench"},
         "teacher_consistency": {"consistent": True, "allowed": False, "note": ""},
-        "sampling": {"backend": "synthetic", "backend_version": "0", "n": 1, "temperature": 1.0, "top_p": 1.0,
-                     "max_new_tokens": horizon, "seed": 0, "behavior_logprobs": "raw_logprobs"},
-        "horizon": horizon, "prompt_set": {"source": "synthetic", "content_hash": "x", "num_prompts": 0},
-        "topk": None, "extra": {},
+        "sampling": {
+            "backend": "synthetic",
+            "backend_version": "0",
+            "n": 1,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": horizon,
+            "seed": 0,
+            "behavior_logprobs": "raw_logprobs",
+        },
+        "horizon": horizon,
+        "prompt_set": {"source": "synthetic", "content_hash": "x", "num_prompts": 0},
+        "topk": None,
+        "extra": {},
     }
 
 
@@ -91,7 +109,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     tok = build_char_tokenizer()
-    spec = ToyModelSpec(layers=args.layers, hidden=args.hidden, heads=max(2, args.hidden // 64), intermediate=3 * args.hidden, max_positions=4096)
+    spec = ToyModelSpec(
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=max(2, args.hidden // 64),
+        intermediate=3 * args.hidden,
+        max_positions=4096,
+    )
     model = build_model(spec, tok).to(device).train()
     vocab = len(tok)
     rows = synthetic_rows(args.rows, args.prompt_len, args.len, vocab)
@@ -99,7 +123,12 @@ def main() -> None:
     objective = make_objective("lightning", sample_reduction="mean")
 
     opd_batch = collate(rows, args.len, tok.pad_token_id).to(device)
-    sft_batch = {k: v.to(device) for k, v in collate_sft([SFTExample(r["prompt_ids"], r["response_ids"]) for r in rows], tok.pad_token_id).items()}
+    sft_batch = {
+        k: v.to(device)
+        for k, v in collate_sft(
+            [SFTExample(r["prompt_ids"], r["response_ids"]) for r in rows], tok.pad_token_id
+        ).items()
+    }
 
     def opd_step():
         loss, _ = objective(student_token_batch(model, opd_batch, needs_topk=False, chunk_size=1024))
@@ -114,11 +143,15 @@ def main() -> None:
 
     t_opd, t_sft = time_interleaved([opd_step, sft_step], args.repeats)
     tokens = int(opd_batch.attention_mask.sum())
-    print(f"device: {device}, model {spec.describe()}, batch {args.rows} x <= {args.prompt_len}+{args.len} tokens, threads {torch.get_num_threads()}")
+    print(
+        f"device: {device}, model {spec.describe()}, batch {args.rows} x <= {args.prompt_len}+{args.len} tokens, threads {torch.get_num_threads()}"
+    )
     print("\n1. stage-two step vs plain SFT step (same batch)")
     print(f"   {'step':<22}{'median s':>10}{'tokens/s':>12}{'ratio':>8}")
     print(f"   {'SFT (cross-entropy)':<22}{t_sft:>10.4f}{tokens / t_sft:>12.0f}{1.0:>8.2f}")
-    print(f"   {'offline OPD':<22}{t_opd:>10.4f}{tokens / t_opd:>12.0f}{t_opd / t_sft:>8.2f}   (target <= 1.10)")
+    print(
+        f"   {'offline OPD':<22}{t_opd:>10.4f}{tokens / t_opd:>12.0f}{t_opd / t_sft:>8.2f}   (target <= 1.10)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         store_rows = synthetic_rows(args.store_rows, args.prompt_len, args.len, vocab, seed=1)
@@ -138,8 +171,10 @@ def main() -> None:
             read_tokens += int(collate(batch_rows, args.len, tok.pad_token_id).attention_mask.sum())
         t_read = time.perf_counter() - t
         print("\n2. reader (RolloutStream + collate, 1 thread) vs training consumption")
-        print(f"   reader {read_tokens / t_read:,.0f} tok/s   training step {tokens / t_opd:,.0f} tok/s   "
-              f"ratio {read_tokens / t_read / (tokens / t_opd):.1f}x (must be > 1)")
+        print(
+            f"   reader {read_tokens / t_read:,.0f} tok/s   training step {tokens / t_opd:,.0f} tok/s   "
+            f"ratio {read_tokens / t_read / (tokens / t_opd):.1f}x (must be > 1)"
+        )
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
         print("\n3. one pass over the store with each horizon schedule (tokens and wall-clock vs full)")
@@ -148,7 +183,9 @@ def main() -> None:
             "full": HorizonConfig(),
             "TOPD 25% (fraction 0.25)": HorizonConfig(kind="fraction", fraction=0.25),
             "TOPD 10% (fraction 0.10)": HorizonConfig(kind="fraction", fraction=0.10),
-            "POPD staircase": HorizonConfig(kind="staircase", h0=max(1, args.len // 8), dh=max(1, args.len // 8), dk=4),
+            "POPD staircase": HorizonConfig(
+                kind="staircase", h0=max(1, args.len // 8), dh=max(1, args.len // 8), dk=4
+            ),
             "POPD linear": HorizonConfig(kind="linear", h0=max(1, args.len // 8), ramp_steps=32),
         }
         steps = min(16, store.num_rows // args.rows)
@@ -157,7 +194,11 @@ def main() -> None:
             stream = RolloutStream([store], shuffle_buffer=1024, seed=0)
             t, n_tokens = time.perf_counter(), 0
             for step in range(steps):
-                batch = collate([next(stream) for _ in range(args.rows)], horizon_at(cfg, step, args.len), tok.pad_token_id).to(device)
+                batch = collate(
+                    [next(stream) for _ in range(args.rows)],
+                    horizon_at(cfg, step, args.len),
+                    tok.pad_token_id,
+                ).to(device)
                 loss, _ = objective(student_token_batch(model, batch, needs_topk=False, chunk_size=1024))
                 loss.backward()
                 optimizer.step()
@@ -165,7 +206,9 @@ def main() -> None:
                 n_tokens += int(batch.attention_mask.sum())
             elapsed = time.perf_counter() - t
             base = base or (n_tokens, elapsed)
-            print(f"   {name:<28}{n_tokens:>10}{elapsed:>10.2f}{n_tokens / base[0]:>10.2f}{elapsed / base[1]:>8.2f}")
+            print(
+                f"   {name:<28}{n_tokens:>10}{elapsed:>10.2f}{n_tokens / base[0]:>10.2f}{elapsed / base[1]:>8.2f}"
+            )
         print(f"   ({steps} steps of {args.rows} rollouts; POPD ratios depend on the schedule constants)")
 
 

@@ -17,8 +17,16 @@ from lightning_opd.errors import LopdError
 JOBS = {
     "sft": ("pipelines.sft", "SFTJobConfig", "stage 0: teacher-consistent SFT of the student"),
     "eval": ("pipelines.evaluate", "EvalJobConfig", "greedy accuracy and pass@k of a model on a prompt set"),
-    "precompute": ("pipelines.precompute", "PrecomputeConfig", "stage 1: rollouts + teacher scoring into a store"),
-    "rollout": ("pipelines.precompute", "RolloutConfig", "stage 1, step 1: student rollouts into a rollouts store"),
+    "precompute": (
+        "pipelines.precompute",
+        "PrecomputeConfig",
+        "stage 1: rollouts + teacher scoring into a store",
+    ),
+    "rollout": (
+        "pipelines.precompute",
+        "RolloutConfig",
+        "stage 1, step 1: student rollouts into a rollouts store",
+    ),
     "score": ("pipelines.precompute", "ScoreConfig", "stage 1, step 2: teacher scoring of a rollouts store"),
     "train": ("pipelines.train", "TrainConfig", "stage 2: offline OPD training from logprob stores"),
     "demo": ("pipelines.demo", "DemoConfig", "the whole pipeline on the embedded toy task"),

@@ -69,7 +69,12 @@ def save_config(config: Any, out_dir: str | Path, name: str = "config.json") -> 
 
 
 def prepare_output_dir(
-    out_dir: str | Path, config: Any, *, overwrite: bool = False, name: str = "config.json", ignore: frozenset = frozenset()
+    out_dir: str | Path,
+    config: Any,
+    *,
+    overwrite: bool = False,
+    name: str = "config.json",
+    ignore: frozenset = frozenset(),
 ) -> Path:
     """Create ``out_dir`` for a run of ``config``.
 
@@ -89,7 +94,9 @@ def prepare_output_dir(
         previous = json.loads(saved.read_text())
         current = to_dict(config)
         skip = set(ignore) | {"overwrite"}
-        differing = sorted(k for k in set(previous) | set(current) if k not in skip and previous.get(k) != current.get(k))
+        differing = sorted(
+            k for k in set(previous) | set(current) if k not in skip and previous.get(k) != current.get(k)
+        )
         if differing:
             raise OutputExistsError(
                 f"{out} already holds a different run (config differs in {differing}); choose a new "
@@ -117,7 +124,9 @@ def add_dataclass_args(parser, cls) -> None:
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
             continue
         kind = _field_type(f, default)
-        parser.add_argument(flag, type=kind, default=default, required=required, help=f"{helptext} (default: {default})")
+        parser.add_argument(
+            flag, type=kind, default=default, required=required, help=f"{helptext} (default: {default})"
+        )
 
 
 def _field_type(f, default):

@@ -36,9 +36,19 @@ def teacher_consistency(
             "checked; pass --sft-teacher DIR to declare it"
         )
         warnings.warn(message, stacklevel=2)
-        return {"consistent": None, "allowed": allow_inconsistent, "sft_teacher_fingerprint": None, "note": message}
+        return {
+            "consistent": None,
+            "allowed": allow_inconsistent,
+            "sft_teacher_fingerprint": None,
+            "note": message,
+        }
     if sft_teacher.fingerprint == teacher.fingerprint:
-        return {"consistent": True, "allowed": False, "sft_teacher_fingerprint": sft_teacher.fingerprint, "note": ""}
+        return {
+            "consistent": True,
+            "allowed": False,
+            "sft_teacher_fingerprint": sft_teacher.fingerprint,
+            "note": "",
+        }
     message = (
         f"teacher {teacher.short()} is not the student's SFT teacher {sft_teacher.short()}; scoring with another "
         "teacher biases distillation (METHODS.md §2)"
@@ -48,7 +58,12 @@ def teacher_consistency(
             message + ". Score with the SFT teacher, or pass --allow-inconsistent-teacher for an experiment"
         )
     log(f"WARNING: {message}; allowed by --allow-inconsistent-teacher and recorded in the manifest")
-    return {"consistent": False, "allowed": True, "sft_teacher_fingerprint": sft_teacher.fingerprint, "note": message}
+    return {
+        "consistent": False,
+        "allowed": True,
+        "sft_teacher_fingerprint": sft_teacher.fingerprint,
+        "note": message,
+    }
 
 
 def check_store_for_training(manifest, student_fingerprint: str, student_path: str) -> None:

@@ -78,13 +78,22 @@ def evaluate_model(
     if missing:
         from lightning_opd.errors import InputError
 
-        raise InputError(f"evaluation needs a reference answer for every prompt; {len(missing)} have none (e.g. {missing[0]})")
+        raise InputError(
+            f"evaluation needs a reference answer for every prompt; {len(missing)} have none (e.g. {missing[0]})"
+        )
     answers = {r.prompt_id: r.answer for r in records}
     prompt_ids = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     keys = [r.prompt_id for r in records]
     greedy_acc, lengths, truncated = None, [], []
     if greedy:
-        config = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, backend=backend)
+        config = SamplingConfig(
+            n=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            backend=backend,
+        )
         rollouts = make_sampler(model, config, tokenizer=tokenizer).sample(prompt_ids, keys, seed)
         scores = grade_rollouts(rollouts, answers, verifier)
         greedy_acc = sum(scores) / len(scores)
@@ -93,8 +102,13 @@ def evaluate_model(
     passes: dict[int, float] = {}
     if samples:
         config = SamplingConfig(
-            n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-            batch_size=batch_size, backend=backend,
+            n=samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            backend=backend,
         )
         rollouts = make_sampler(model, config, tokenizer=tokenizer).sample(prompt_ids, keys, seed)
         correct: dict[str, int] = defaultdict(int)

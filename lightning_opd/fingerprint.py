@@ -90,7 +90,9 @@ def _iter_safetensors(path: Path):
             continue
         dtype = info["dtype"]
         if dtype not in _SAFETENSORS_DTYPES:
-            raise InputError(f"{path}: tensor {name} has dtype {dtype}, which fingerprinting does not support")
+            raise InputError(
+                f"{path}: tensor {name} has dtype {dtype}, which fingerprinting does not support"
+            )
         start, end = info["data_offsets"]
         flat = data[start:end].view(_SAFETENSORS_DTYPES[dtype])
         yield name, tuple(info["shape"]), flat, dtype

@@ -43,8 +43,10 @@ def check_model_dir(path: str | Path) -> Path:
     # The saved architecture decides (a BERT checkpoint's type has a causal-LM class, its weights do not).
     architectures = config.get("architectures") or []
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    is_causal = any(a in causal_classes for a in architectures) if architectures else (
-        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    is_causal = (
+        any(a in causal_classes for a in architectures)
+        if architectures
+        else (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     )
     if not is_causal:
         raise InputError(
@@ -97,7 +99,9 @@ def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "auto
     return model, tokenizer
 
 
-def model_identity(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, dtype=None) -> ModelIdentity:
+def model_identity(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, dtype=None
+) -> ModelIdentity:
     path = check_model_dir(path)
     tokenizer = tokenizer or load_tokenizer(path)
     return ModelIdentity(

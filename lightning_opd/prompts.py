@@ -33,7 +33,9 @@ def _read_rows(path: Path) -> list[dict]:
         if hasattr(dataset, "keys"):  # a DatasetDict: take the one split, or refuse to guess
             splits = list(dataset.keys())
             if len(splits) != 1:
-                raise InputError(f"{path} holds splits {splits}; save the one split you want with save_to_disk")
+                raise InputError(
+                    f"{path} holds splits {splits}; save the one split you want with save_to_disk"
+                )
             dataset = dataset[splits[0]]
         return list(dataset)
     if path.suffix == ".jsonl":
@@ -68,7 +70,9 @@ def load_prompts(
         raise InputError(f"prompt set {path} does not exist")
     rows = _read_rows(path)
     if not rows:
-        raise InputError(f"prompt set {path} is empty; it needs at least one row with a {prompt_field!r} field")
+        raise InputError(
+            f"prompt set {path} is empty; it needs at least one row with a {prompt_field!r} field"
+        )
     records, seen = [], set()
     for i, row in enumerate(rows):
         if prompt_field not in row or not isinstance(row[prompt_field], str):
@@ -78,7 +82,9 @@ def load_prompts(
             )
         prompt_id = str(row[id_field]) if row.get(id_field) is not None else f"row-{i}"
         if prompt_id in seen:
-            raise InputError(f"prompt set {path}: duplicate {id_field} {prompt_id!r} (row {i}); ids must be unique")
+            raise InputError(
+                f"prompt set {path}: duplicate {id_field} {prompt_id!r} (row {i}); ids must be unique"
+            )
         seen.add(prompt_id)
         answer = row.get(answer_field)
         solution = row.get(solution_field)
@@ -113,7 +119,9 @@ def prompt_set_hash(records: list[PromptRecord]) -> str:
 
 def encode_prompt(tokenizer, text: str, chat_template: str = "auto") -> list[int]:
     """Token ids for one prompt; with a chat template (when the tokenizer has one, or 'always')."""
-    use_template = chat_template == "always" or (chat_template == "auto" and getattr(tokenizer, "chat_template", None))
+    use_template = chat_template == "always" or (
+        chat_template == "auto" and getattr(tokenizer, "chat_template", None)
+    )
     if use_template:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True

@@ -66,4 +66,6 @@ def read_provenance(model_dir: str | Path) -> Provenance | None:
         known = set(Provenance.__dataclass_fields__)
         return Provenance(**{k: v for k, v in data.items() if k in known})
     except (json.JSONDecodeError, TypeError) as e:
-        raise InputError(f"{path} is not a valid provenance file ({e}); delete it or restore it from the run") from e
+        raise InputError(
+            f"{path} is not a valid provenance file ({e}); delete it or restore it from the run"
+        ) from e

@@ -43,8 +43,13 @@ class SFTTrainConfig:
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
-        check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}")
+        check(
+            0 <= self.warmup_steps < self.steps,
+            f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}",
+        )
+        check(
+            self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
+        )
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -108,7 +113,9 @@ def train_sft(
             rng.shuffle(fresh)
             order += fresh
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        batch = {k: v.to(accelerator.device) for k, v in collate_sft([examples[i] for i in picked], pad_id).items()}
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate_sft([examples[i] for i in picked], pad_id).items()
+        }
         loss = response_nll(model, batch)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 
 from lightning_opd.errors import TrainingError
-from lightning_opd.logprobs import final_hidden_states, logprobs_at_ids_from_hidden, output_head, token_logprobs_from_hidden
+from lightning_opd.logprobs import (
+    final_hidden_states,
+    logprobs_at_ids_from_hidden,
+    output_head,
+    token_logprobs_from_hidden,
+)
 from lightning_opd.objectives import TokenBatch
 
 
@@ -66,7 +71,9 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
     topk_lp = torch.zeros((b, width - 1, topk)) if topk else None
     for i, (r, c) in enumerate(zip(rows, cut)):
         p = len(r["prompt_ids"])
-        seq = np.concatenate([np.asarray(r["prompt_ids"]), np.asarray(r["response_ids"][:c])]).astype(np.int64)
+        seq = np.concatenate([np.asarray(r["prompt_ids"]), np.asarray(r["response_ids"][:c])]).astype(
+            np.int64
+        )
         input_ids[i, : p + c] = torch.from_numpy(seq)
         attention[i, : p + c] = 1
         if c == 0:
@@ -79,25 +86,50 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
             topk_ids[i, cols] = torch.as_tensor(np.asarray(r["teacher_topk_ids"][:c], dtype=np.int64))
             topk_lp[i, cols] = torch.as_tensor(np.asarray(r["teacher_topk_logprobs"][:c], dtype=np.float32))
     return Batch(
-        input_ids=input_ids, attention_mask=attention, targets=input_ids[:, 1:].clone(), mask=mask,
-        teacher_logprobs=teacher, behavior_logprobs=behavior, teacher_topk_ids=topk_ids,
-        teacher_topk_logprobs=topk_lp, keys=[(r["prompt_id"], int(r["sample_index"])) for r in rows],
+        input_ids=input_ids,
+        attention_mask=attention,
+        targets=input_ids[:, 1:].clone(),
+        mask=mask,
+        teacher_logprobs=teacher,
+        behavior_logprobs=behavior,
+        teacher_topk_ids=topk_ids,
+        teacher_topk_logprobs=topk_lp,
+        keys=[(r["prompt_id"], int(r["sample_index"])) for r in rows],
     )
 
 
 def student_token_batch(model, batch: Batch, *, needs_topk: bool, chunk_size: int) -> TokenBatch:
-    """Recompute the student's log-probs of the stored tokens (with grad) and assemble a TokenBatch."""
+    """Recompute the student's log-probs of the stored tokens (with grad) and assemble a TokenBatch.
+
+    The LM head runs only at trained positions (response tokens inside the horizon): prompts and
+    padding cost the decoder forward but no ``[positions, vocab]`` work.
+    """
     hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]
     weight, bias = output_head(model)
-    student = token_logprobs_from_hidden(hidden, weight, batch.targets, bias=bias, chunk_size=chunk_size, checkpoint=True)
+    where = batch.mask > 0
+    selected = hidden[where]  # [N, H]
+    student = hidden.new_zeros(batch.mask.shape, dtype=torch.float32)
+    student = student.masked_scatter(
+        where,
+        token_logprobs_from_hidden(
+            selected, weight, batch.targets[where], bias=bias, chunk_size=chunk_size, checkpoint=True
+        ),
+    )
     student_topk = None
     if needs_topk:
-        student_topk = logprobs_at_ids_from_hidden(
-            hidden, weight, batch.teacher_topk_ids, bias=bias, chunk_size=chunk_size, checkpoint=True
+        k = batch.teacher_topk_ids.shape[-1]
+        student_topk = hidden.new_zeros((*batch.mask.shape, k), dtype=torch.float32)
+        at_ids = logprobs_at_ids_from_hidden(
+            selected, weight, batch.teacher_topk_ids[where], bias=bias, chunk_size=chunk_size, checkpoint=True
         )
+        student_topk = student_topk.masked_scatter(where.unsqueeze(-1).expand_as(student_topk), at_ids)
     return TokenBatch(
-        student_logprobs=student, teacher_logprobs=batch.teacher_logprobs, behavior_logprobs=batch.behavior_logprobs,
-        mask=batch.mask, teacher_topk_ids=batch.teacher_topk_ids, teacher_topk_logprobs=batch.teacher_topk_logprobs,
+        student_logprobs=student,
+        teacher_logprobs=batch.teacher_logprobs,
+        behavior_logprobs=batch.behavior_logprobs,
+        mask=batch.mask,
+        teacher_topk_ids=batch.teacher_topk_ids,
+        teacher_topk_logprobs=batch.teacher_topk_logprobs,
         student_topk_logprobs=student_topk,
     )
 
@@ -118,9 +150,13 @@ class MetricsLog:
         self.path = path
         if truncate_after_step is not None and path.exists():
             # On resume, drop lines past the checkpoint so the file reads as one uninterrupted run.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= truncate_after_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= truncate_after_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        self.file = open(path, "a")  # noqa: SIM115 (held open for the run, closed by close())
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -131,8 +167,17 @@ class MetricsLog:
 
 
 def format_status(row: dict) -> str:
-    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}", f"adv {row.get('adv_mean', math.nan):+.3f}"]
-    parts += [f"kl {row.get('kl_student_teacher', math.nan):.4f}", f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
+    parts = [
+        f"step {row['step']}",
+        f"H {row['horizon']}",
+        f"loss {row['loss']:+.4f}",
+        f"adv {row.get('adv_mean', math.nan):+.3f}",
+    ]
+    parts += [
+        f"kl {row.get('kl_student_teacher', math.nan):.4f}",
+        f"gnorm {row['grad_norm']:.2f}",
+        f"{row['tokens_per_s']:.0f} tok/s",
+    ]
     if "eval_accuracy" in row:
         parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
     return " | ".join(parts)

@@ -22,14 +22,21 @@ from lightning_opd.prompts import load_prompts
 from lightning_opd.store import open_store
 from lightning_opd.store.summary import format_summary, summarize_store
 from lightning_opd.toy.models import STUDENT_SPEC, TEACHER_SPEC, ToyModelSpec
-from lightning_opd.toy.teacher import ToyTeacherRecipe, ensure_toy_teacher, write_toy_prompt_sets, write_toy_student_init
+from lightning_opd.toy.teacher import (
+    ToyTeacherRecipe,
+    ensure_toy_teacher,
+    write_toy_prompt_sets,
+    write_toy_student_init,
+)
 from pipelines import precompute, sft, train
 
 
 @dataclass
 class DemoConfig:
     workdir: str = field(default="runs/demo", metadata={"help": "where every stage writes"})
-    cache_dir: str = field(default="", metadata={"help": "toy teacher cache (default: $LOPD_CACHE or .cache/lightning-opd)"})
+    cache_dir: str = field(
+        default="", metadata={"help": "toy teacher cache (default: $LOPD_CACHE or .cache/lightning-opd)"}
+    )
     sft_prompts: int = 1000
     opd_prompts: int = 1024
     eval_prompts: int = 500
@@ -61,7 +68,13 @@ def run(config: DemoConfig, log=print) -> dict:
     teacher_spec, student_spec = _specs(config)
 
     t = time.time()
-    prompts = write_toy_prompt_sets(work / "prompts", sft=config.sft_prompts, opd=config.opd_prompts, eval=config.eval_prompts, seed=config.seed)
+    prompts = write_toy_prompt_sets(
+        work / "prompts",
+        sft=config.sft_prompts,
+        opd=config.opd_prompts,
+        eval=config.eval_prompts,
+        seed=config.seed,
+    )
     recipe = ToyTeacherRecipe(spec=teacher_spec, steps=config.teacher_steps, seed=config.seed)
     teacher = ensure_toy_teacher(recipe, Path(config.cache_dir) if config.cache_dir else None, log=log)
     timings["toy teacher"] = time.time() - t
@@ -74,9 +87,16 @@ def run(config: DemoConfig, log=print) -> dict:
     if not (sft_out / "lopd_provenance.json").exists():
         sft.run(
             sft.SFTJobConfig(
-                teacher=str(teacher), student=str(student_init), prompts=str(prompts["sft"]), out=str(sft_out),
-                steps=config.sft_steps, temperature=0.0, max_new_tokens=config.horizon, seed=config.seed,
-                backend=config.backend, overwrite=True,
+                teacher=str(teacher),
+                student=str(student_init),
+                prompts=str(prompts["sft"]),
+                out=str(sft_out),
+                steps=config.sft_steps,
+                temperature=0.0,
+                max_new_tokens=config.horizon,
+                seed=config.seed,
+                backend=config.backend,
+                overwrite=True,
             ),
             log=log,
         )
@@ -87,8 +107,14 @@ def run(config: DemoConfig, log=print) -> dict:
     if not (store_dir / "manifest.json").exists():
         precompute.run(
             precompute.PrecomputeConfig(
-                student=str(sft_out), teacher=str(teacher), prompts=str(prompts["opd"]), out=str(store_dir),
-                n=config.rollouts_per_prompt, max_new_tokens=config.horizon, seed=config.seed, backend=config.backend,
+                student=str(sft_out),
+                teacher=str(teacher),
+                prompts=str(prompts["opd"]),
+                out=str(store_dir),
+                n=config.rollouts_per_prompt,
+                max_new_tokens=config.horizon,
+                seed=config.seed,
+                backend=config.backend,
                 overwrite=True,
             ),
             log=log,
@@ -103,9 +129,17 @@ def run(config: DemoConfig, log=print) -> dict:
     if not (final / "lopd_provenance.json").exists():
         train.run(
             train.TrainConfig(
-                student=str(sft_out), stores=str(store_dir), out=str(opd_out), steps=config.opd_steps,
-                batch_size=config.opd_batch_size, micro_batch_size=config.opd_batch_size, lr=config.opd_lr,
-                sample_reduction="mean", seed=config.seed, log_every=5, overwrite=True,
+                student=str(sft_out),
+                stores=str(store_dir),
+                out=str(opd_out),
+                steps=config.opd_steps,
+                batch_size=config.opd_batch_size,
+                micro_batch_size=config.opd_batch_size,
+                lr=config.opd_lr,
+                sample_reduction="mean",
+                seed=config.seed,
+                log_every=5,
+                overwrite=True,
             ),
             log=log,
         )
@@ -116,7 +150,9 @@ def run(config: DemoConfig, log=print) -> dict:
     results = []
     for name, path in (("teacher", teacher), ("SFT student", sft_out), ("Lightning-OPD student", final)):
         model, tokenizer = load_causal_lm(path, dtype="float32")
-        results.append(evaluate_model(model, tokenizer, records, model_name=name, max_new_tokens=config.horizon))
+        results.append(
+            evaluate_model(model, tokenizer, records, model_name=name, max_new_tokens=config.horizon)
+        )
     timings["evaluation"] = time.time() - t
 
     table = format_table(results)

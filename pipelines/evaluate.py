@@ -1,6 +1,6 @@
 """Evaluate any model directory on a prompt set: greedy accuracy and sampled pass@k.
 
-    lopd eval --model runs/sft --prompts prompts/eval.jsonl --samples 4 --out runs/sft/eval.json
+lopd eval --model runs/sft --prompts prompts/eval.jsonl --samples 4 --out runs/sft/eval.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class EvalJobConfig:
     chat_template: str = "auto"
 
     def __post_init__(self):
-        check(self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}")
+        check(
+            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
+        )
         check(self.greedy or self.samples > 0, "nothing to evaluate: pass --greedy or --samples N")
         check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
 
@@ -47,10 +49,21 @@ def run(config: EvalJobConfig, log=print) -> EvalResult:
     model, tokenizer = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
     records = load_prompts(config.prompts, prompt_field=config.prompt_field, limit=config.limit or None)
     result = evaluate_model(
-        model, tokenizer, records, model_name=config.name or config.model, verifier=config.verifier,
-        max_new_tokens=config.max_new_tokens, greedy=config.greedy, samples=config.samples,
-        ks=tuple(int(k) for k in config.ks.split(",") if k), temperature=config.temperature, top_p=config.top_p,
-        batch_size=config.batch_size, seed=config.seed, backend=config.backend, chat_template=config.chat_template,
+        model,
+        tokenizer,
+        records,
+        model_name=config.name or config.model,
+        verifier=config.verifier,
+        max_new_tokens=config.max_new_tokens,
+        greedy=config.greedy,
+        samples=config.samples,
+        ks=tuple(int(k) for k in config.ks.split(",") if k),
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        backend=config.backend,
+        chat_template=config.chat_template,
     )
     log(format_table([result]))
     if config.out:

@@ -51,15 +51,23 @@ class RolloutConfig:
     out: str = field(metadata={"help": "output store directory"})
     prompt_field: str = "prompt"
     chat_template: str = "auto"
-    verifier: str = field(default="addition", metadata={"help": "grades responses into `reward` when answers exist"})
+    verifier: str = field(
+        default="addition", metadata={"help": "grades responses into `reward` when answers exist"}
+    )
     n: int = field(default=1, metadata={"help": "rollouts per prompt"})
     temperature: float = 0.7
     top_p: float = 0.9
-    max_new_tokens: int = field(default=64, metadata={"help": "rollout horizon T (stage two may use any H <= T)"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "rollout horizon T (stage two may use any H <= T)"}
+    )
     seed: int = 0
-    backend: str = field(default="auto", metadata={"help": "rollout backend: auto (vLLM if installed) | vllm | transformers"})
+    backend: str = field(
+        default="auto", metadata={"help": "rollout backend: auto (vLLM if installed) | vllm | transformers"}
+    )
     sample_batch_size: int = 256
-    part_size: int = field(default=256, metadata={"help": "prompts per part (the unit of commit, resume and sharding)"})
+    part_size: int = field(
+        default=256, metadata={"help": "prompts per part (the unit of commit, resume and sharding)"}
+    )
     shard_index: int = 0
     num_shards: int = 1
     dtype: str = "auto"
@@ -72,8 +80,13 @@ class RolloutConfig:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(self.part_size >= 1, f"part_size must be >= 1, got {self.part_size}")
         check(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
-        check(0 <= self.shard_index < self.num_shards, f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
-        check(self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}")
+        check(
+            0 <= self.shard_index < self.num_shards,
+            f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
+        )
+        check(
+            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
+        )
 
 
 @dataclass
@@ -81,10 +94,19 @@ class ScoreConfig:
     rollouts: str = field(metadata={"help": "rollouts store written by `lopd rollout`"})
     teacher: str = field(metadata={"help": "teacher model directory (must be the student's SFT teacher)"})
     out: str = field(metadata={"help": "output store directory"})
-    topk: int = field(default=0, metadata={"help": "also store the teacher's top-k ids and log-probs per position"})
-    topk_tail: str = field(default="renormalize", metadata={"help": "how objectives treat mass outside the top-k"})
-    allow_inconsistent_teacher: bool = field(default=False, metadata={"help": "score with a teacher other than the SFT teacher (recorded in the manifest)"})
-    sft_teacher: str = field(default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"})
+    topk: int = field(
+        default=0, metadata={"help": "also store the teacher's top-k ids and log-probs per position"}
+    )
+    topk_tail: str = field(
+        default="renormalize", metadata={"help": "how objectives treat mass outside the top-k"}
+    )
+    allow_inconsistent_teacher: bool = field(
+        default=False,
+        metadata={"help": "score with a teacher other than the SFT teacher (recorded in the manifest)"},
+    )
+    sft_teacher: str = field(
+        default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"}
+    )
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
     shard_index: int = 0
@@ -95,13 +117,21 @@ class ScoreConfig:
 
     def __post_init__(self):
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
-        check(self.topk_tail in TOPK_TAIL_TREATMENTS, f"topk_tail must be one of {TOPK_TAIL_TREATMENTS}, got {self.topk_tail!r}")
-        check(0 <= self.shard_index < self.num_shards, f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        check(
+            self.topk_tail in TOPK_TAIL_TREATMENTS,
+            f"topk_tail must be one of {TOPK_TAIL_TREATMENTS}, got {self.topk_tail!r}",
+        )
+        check(
+            0 <= self.shard_index < self.num_shards,
+            f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
+        )
 
 
 @dataclass
 class PrecomputeConfig(RolloutConfig):
-    teacher: str = field(default="", metadata={"help": "teacher model directory (must be the student's SFT teacher)"})
+    teacher: str = field(
+        default="", metadata={"help": "teacher model directory (must be the student's SFT teacher)"}
+    )
     topk: int = 0
     topk_tail: str = "renormalize"
     allow_inconsistent_teacher: bool = False
@@ -116,11 +146,20 @@ class PrecomputeConfig(RolloutConfig):
 
     def score_config(self) -> ScoreConfig:
         return ScoreConfig(
-            rollouts=str(Path(self.out) / ROLLOUTS_SUBDIR), teacher=self.teacher, out=self.out, topk=self.topk,
-            topk_tail=self.topk_tail, allow_inconsistent_teacher=self.allow_inconsistent_teacher,
-            sft_teacher=self.sft_teacher, max_tokens_per_batch=self.max_tokens_per_batch,
-            chunk_size=self.chunk_size, shard_index=self.shard_index, num_shards=self.num_shards,
-            dtype=self.dtype, device=self.device, overwrite=self.overwrite,
+            rollouts=str(Path(self.out) / ROLLOUTS_SUBDIR),
+            teacher=self.teacher,
+            out=self.out,
+            topk=self.topk,
+            topk_tail=self.topk_tail,
+            allow_inconsistent_teacher=self.allow_inconsistent_teacher,
+            sft_teacher=self.sft_teacher,
+            max_tokens_per_batch=self.max_tokens_per_batch,
+            chunk_size=self.chunk_size,
+            shard_index=self.shard_index,
+            num_shards=self.num_shards,
+            dtype=self.dtype,
+            device=self.device,
+            overwrite=self.overwrite,
         )
 
 
@@ -135,10 +174,14 @@ def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
 def finalize_if_complete(writer: StoreWriter, num_shards: int, log) -> bool:
     if writer.is_complete():
         manifest = writer.finalize(num_shards)
-        log(f"stage 1: store {writer.root} complete: {manifest.stats.num_rollouts} rollouts, {len(manifest.shards)} shards")
+        log(
+            f"stage 1: store {writer.root} complete: {manifest.stats.num_rollouts} rollouts, {len(manifest.shards)} shards"
+        )
         return True
     if num_shards > 1:
-        log(f"stage 1: this worker's parts are committed; after all {num_shards} workers finish, run `lopd store finalize {writer.root}`")
+        log(
+            f"stage 1: this worker's parts are committed; after all {num_shards} workers finish, run `lopd store finalize {writer.root}`"
+        )
     return False
 
 
@@ -154,14 +197,23 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context]
     skipped = len(records) - len(keep)
     if skipped:
-        warnings.warn(f"stage 1: skipped {skipped} of {len(records)} prompts that are empty or do not fit the student's {context}-token context", stacklevel=1)
+        warnings.warn(
+            f"stage 1: skipped {skipped} of {len(records)} prompts that are empty or do not fit the student's {context}-token context",
+            stacklevel=1,
+        )
     if not keep:
         from lightning_opd.errors import InputError
 
         raise InputError(f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context")
     sampling = SamplingConfig(
-        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-        seed=config.seed, batch_size=config.sample_batch_size, backend=config.backend, dtype=config.dtype,
+        n=config.n,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        batch_size=config.sample_batch_size,
+        backend=config.backend,
+        dtype=config.dtype,
     )
     # Given the directory, the sampler loads the model itself: vLLM when installed, else transformers.
     sampler = make_sampler(config.student, sampling, config.device)
@@ -169,16 +221,27 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
         "kind": "rollouts",
         "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
         "sampling": {
-            "backend": sampler.name, "backend_version": sampler.version, "n": config.n,
-            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed, "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+            "backend": sampler.name,
+            "backend_version": sampler.version,
+            "n": config.n,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+            "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
         },
         "horizon": config.max_new_tokens,
         "prompt_set": {
-            "source": str(Path(config.prompts).resolve()), "content_hash": prompt_set_hash(records),
-            "num_prompts": len(records), "skipped_prompts": skipped, "part_size": config.part_size,
+            "source": str(Path(config.prompts).resolve()),
+            "content_hash": prompt_set_hash(records),
+            "num_prompts": len(records),
+            "skipped_prompts": skipped,
+            "part_size": config.part_size,
         },
-        "teacher": None, "teacher_consistency": None, "topk": None, "extra": {},
+        "teacher": None,
+        "teacher_consistency": None,
+        "topk": None,
+        "extra": {},
     }
     from lightning_opd.provenance import read_provenance
 
@@ -186,22 +249,34 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     if provenance and provenance.sft_teacher:
         header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
     num_parts = math.ceil(len(keep) / config.part_size)
-    writer = StoreWriter(out, header, num_parts=num_parts, topk=None, with_text=config.keep_text, with_reward=True)
+    writer = StoreWriter(
+        out, header, num_parts=num_parts, topk=None, with_text=config.keep_text, with_reward=True
+    )
     mine = my_parts(num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)  # checksums each of this worker's shards once
     todo = [p for p in mine if p not in done]
-    log(f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})")
+    log(
+        f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})"
+    )
     answers = {r.prompt_id: r.answer for r in records}
     grade = VERIFIERS[config.verifier]
     for part in tqdm(todo, desc="rollout parts", unit="part"):
         idx = keep[part * config.part_size : (part + 1) * config.part_size]
-        rollouts = sampler.sample([encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part)
+        rollouts = sampler.sample(
+            [encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part
+        )
         rows = [
             {
-                "prompt_id": r.prompt_id, "sample_index": r.sample_index, "prompt_ids": r.prompt_ids,
-                "response_ids": r.response_ids, "behavior_logprobs": r.behavior_logprobs,
-                "teacher_logprobs": None, "finish_reason": r.finish_reason,
-                "reward": None if answers[r.prompt_id] is None else grade(r.response_text, answers[r.prompt_id]),
+                "prompt_id": r.prompt_id,
+                "sample_index": r.sample_index,
+                "prompt_ids": r.prompt_ids,
+                "response_ids": r.response_ids,
+                "behavior_logprobs": r.behavior_logprobs,
+                "teacher_logprobs": None,
+                "finish_reason": r.finish_reason,
+                "reward": None
+                if answers[r.prompt_id] is None
+                else grade(r.response_text, answers[r.prompt_id]),
                 "response_text": r.response_text if config.keep_text else None,
             }
             for r in rollouts
@@ -224,8 +299,11 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     # Every check that can fail does so before the teacher is loaded.
     check_same_tokenizer(model_identity(student["path"]), teacher_id, "stage 1 (scoring)")
     consistency = teacher_consistency(
-        student_path=student["path"], teacher=teacher_id, allow_inconsistent=config.allow_inconsistent_teacher,
-        declared_sft_teacher=config.sft_teacher or None, log=log,
+        student_path=student["path"],
+        teacher=teacher_id,
+        allow_inconsistent=config.allow_inconsistent_teacher,
+        declared_sft_teacher=config.sft_teacher or None,
+        log=log,
     )
     teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
     teacher_id.dtype = str(teacher.dtype).replace("torch.", "")
@@ -241,8 +319,12 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     saved = read_saved_header(rollouts_root)
     columns = set(saved["columns"])
     writer = StoreWriter(
-        Path(config.out), header, num_parts=int(saved["num_parts"]), topk=config.topk or None,
-        with_text="response_text" in columns, with_reward="reward" in columns,
+        Path(config.out),
+        header,
+        num_parts=int(saved["num_parts"]),
+        topk=config.topk or None,
+        with_text="response_text" in columns,
+        with_reward="reward" in columns,
     )
     mine = my_parts(writer.num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)
@@ -251,8 +333,12 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     for part in tqdm(todo, desc="scoring parts", unit="part"):
         rows = read_part(rollouts_root, part).to_pylist()
         scored = score_sequences(
-            teacher, [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], topk=config.topk,
-            max_tokens_per_batch=config.max_tokens_per_batch, chunk_size=config.chunk_size,
+            teacher,
+            [r["prompt_ids"] for r in rows],
+            [r["response_ids"] for r in rows],
+            topk=config.topk,
+            max_tokens_per_batch=config.max_tokens_per_batch,
+            chunk_size=config.chunk_size,
         )
         for row, s in zip(rows, scored):
             row["teacher_logprobs"] = s.logprobs.tolist()
@@ -266,16 +352,22 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
 
 def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
     if isinstance(config, PrecomputeConfig):
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
+        prepare_output_dir(
+            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+        )
         rollout_config = RolloutConfig(**{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__})
         rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
         run_rollouts(rollout_config, log)
         out = run_scoring(config.score_config(), log)
     elif isinstance(config, RolloutConfig):
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
+        prepare_output_dir(
+            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+        )
         out = run_rollouts(config, log)
     else:
-        prepare_output_dir(config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS)
+        prepare_output_dir(
+            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+        )
         out = run_scoring(config, log)
     if (Path(out) / "manifest.json").exists():
         open_store(out)  # reopen through the reader: what a user gets is what we checked

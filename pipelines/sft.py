@@ -35,7 +35,9 @@ class SFTJobConfig:
     temperature: float = field(default=0.7, metadata={"help": "teacher sampling temperature (0 = greedy)"})
     top_p: float = 0.9
     max_new_tokens: int = 64
-    keep_correct_only: bool = field(default=False, metadata={"help": "drop teacher answers the verifier rejects"})
+    keep_correct_only: bool = field(
+        default=False, metadata={"help": "drop teacher answers the verifier rejects"}
+    )
     verifier: str = "addition"
     steps: int = 400
     batch_size: int = 64
@@ -46,7 +48,9 @@ class SFTJobConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
-    backend: str = field(default="auto", metadata={"help": "teacher sampling backend: auto|vllm|transformers"})
+    backend: str = field(
+        default="auto", metadata={"help": "teacher sampling backend: auto|vllm|transformers"}
+    )
     chat_template: str = "auto"
     overwrite: bool = False
 
@@ -57,8 +61,13 @@ class SFTJobConfig:
 
     def train_config(self) -> SFTTrainConfig:
         return SFTTrainConfig(
-            steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay, seed=self.seed, mixed_precision=self.mixed_precision,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            mixed_precision=self.mixed_precision,
         )
 
 
@@ -70,8 +79,13 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
         return [json.loads(line) for line in cache.read_text().splitlines()]
     tokenizer = load_tokenizer(config.teacher)
     sampling = SamplingConfig(
-        n=config.samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens, seed=config.seed, backend=config.backend, dtype=config.dtype,
+        n=config.samples_per_prompt,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        backend=config.backend,
+        dtype=config.dtype,
         batch_size=256,
     )
     prompt_ids = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
@@ -84,11 +98,21 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
 
     rows = []
     for r in rollouts:
-        correct = None if answers[r.prompt_id] is None else VERIFIERS[config.verifier](r.response_text, answers[r.prompt_id])
+        correct = (
+            None
+            if answers[r.prompt_id] is None
+            else VERIFIERS[config.verifier](r.response_text, answers[r.prompt_id])
+        )
         rows.append(
-            {"prompt_id": r.prompt_id, "sample_index": r.sample_index, "prompt_ids": r.prompt_ids,
-             "response_ids": r.response_ids, "response_text": r.response_text, "finish_reason": r.finish_reason,
-             "correct": correct}
+            {
+                "prompt_id": r.prompt_id,
+                "sample_index": r.sample_index,
+                "prompt_ids": r.prompt_ids,
+                "response_ids": r.response_ids,
+                "response_text": r.response_text,
+                "finish_reason": r.finish_reason,
+                "correct": correct,
+            }
         )
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -109,10 +133,14 @@ def run(config: SFTJobConfig, log=print) -> Path:
     # Truncated answers teach the student to ramble; keep only the ones that ended on EOS.
     examples = [SFTExample(r["prompt_ids"], r["response_ids"]) for r in rows if r["finish_reason"] == "stop"]
     if not examples:
-        raise InputError("stage 0: no usable teacher answers (all truncated or rejected); raise --max-new-tokens")
+        raise InputError(
+            "stage 0: no usable teacher answers (all truncated or rejected); raise --max-new-tokens"
+        )
     correct = [r["correct"] for r in rows if r["correct"] is not None]
     if correct:
-        log(f"stage 0: {len(examples)} SFT examples; teacher answers correct: {100 * sum(correct) / len(correct):.1f}%")
+        log(
+            f"stage 0: {len(examples)} SFT examples; teacher answers correct: {100 * sum(correct) / len(correct):.1f}%"
+        )
     student, tokenizer = load_causal_lm(config.student, dtype="float32", device=config.device)
     history = train_sft(student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log)
     student.save_pretrained(out)

@@ -37,7 +37,15 @@ from lightning_opd.store import RolloutStream, RowFilter, open_store
 from lightning_opd.trainer import MetricsLog, check_finite, collate, format_status, student_token_batch, timer
 
 # Fields that may change between a run and its resume without making it another run.
-RESUMABLE_FIELDS = {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
+RESUMABLE_FIELDS = {
+    "steps",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "resume",
+    "overwrite",
+    "keep_checkpoints",
+}
 
 
 @dataclass
@@ -45,18 +53,30 @@ class TrainConfig:
     student: str = field(metadata={"help": "the student that sampled the store (stage one's --student)"})
     stores: str = field(metadata={"help": "logprob store directories, comma-separated"})
     out: str = field(metadata={"help": "output directory"})
-    store_weights: str = field(default="", metadata={"help": "mixing weights for several stores, comma-separated"})
+    store_weights: str = field(
+        default="", metadata={"help": "mixing weights for several stores, comma-separated"}
+    )
     objective: str = field(default="lightning", metadata={"help": "lightning | opd_plus | topk"})
-    divergence: str = field(default="reverse_kl", metadata={"help": "opd_plus: reverse_kl|forward_kl|jsd|hellinger|tv|alpha"})
+    divergence: str = field(
+        default="reverse_kl", metadata={"help": "opd_plus: reverse_kl|forward_kl|jsd|hellinger|tv|alpha"}
+    )
     alpha: float = 0.5
     stop_gradient: bool = field(default=False, metadata={"help": "opd_plus: use -f(u) instead of w_f(u)"})
     topk_kind: str = field(default="reverse_kl", metadata={"help": "topk: reverse_kl | forward_kl | gjsd"})
     topk_beta: float = 0.5
     topk_tail: str = "renormalize"
-    clip_eps: float = field(default=0.0, metadata={"help": "PPO clip epsilon (0 = off; with one update per batch the ratio is 1)"})
-    importance_weighting: bool = field(default=False, metadata={"help": "weight tokens by pi_theta/pi_ref (off in the paper)"})
-    sample_reduction: str = field(default="sum", metadata={"help": "per-sample token means are summed (paper) or averaged"})
-    ref_kl_coef: float = field(default=0.0, metadata={"help": "StableOPD: KL to the SFT student (the store's behaviour policy)"})
+    clip_eps: float = field(
+        default=0.0, metadata={"help": "PPO clip epsilon (0 = off; with one update per batch the ratio is 1)"}
+    )
+    importance_weighting: bool = field(
+        default=False, metadata={"help": "weight tokens by pi_theta/pi_ref (off in the paper)"}
+    )
+    sample_reduction: str = field(
+        default="sum", metadata={"help": "per-sample token means are summed (paper) or averaged"}
+    )
+    ref_kl_coef: float = field(
+        default=0.0, metadata={"help": "StableOPD: KL to the SFT student (the store's behaviour policy)"}
+    )
     horizon: str = field(default="full", metadata={"help": "full | fixed | fraction | staircase | linear"})
     horizon_tokens: int = 0
     horizon_fraction: float = 0.0
@@ -66,8 +86,12 @@ class TrainConfig:
     horizon_ramp_steps: int = 0
     steps: int = 100
     batch_size: int = field(default=64, metadata={"help": "rollouts per optimizer step (global)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass (gradient accumulation)"})
-    lr: float = field(default=2e-6, metadata={"help": "constant learning rate (paper: 2e-6 for 4-8B students)"})
+    micro_batch_size: int = field(
+        default=64, metadata={"help": "rollouts per forward pass (gradient accumulation)"}
+    )
+    lr: float = field(
+        default=2e-6, metadata={"help": "constant learning rate (paper: 2e-6 for 4-8B students)"}
+    )
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.1
@@ -78,22 +102,33 @@ class TrainConfig:
     finish_reasons: str = field(default="stop,length", metadata={"help": "keep rollouts that ended this way"})
     max_response_tokens: int = 0
     seed: int = 0
-    eval_prompts: str = field(default="", metadata={"help": "prompt set with answers for periodic evaluation"})
+    eval_prompts: str = field(
+        default="", metadata={"help": "prompt set with answers for periodic evaluation"}
+    )
     eval_every: int = 0
     eval_limit: int = 0
     verifier: str = "addition"
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1
-    resume: str = field(default="auto", metadata={"help": "auto (latest checkpoint in --out) | never | a checkpoint dir"})
+    resume: str = field(
+        default="auto", metadata={"help": "auto (latest checkpoint in --out) | never | a checkpoint dir"}
+    )
     overwrite: bool = False
 
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
-        check(self.batch_size > 0 and self.micro_batch_size > 0, f"batch sizes must be positive, got {self.batch_size}/{self.micro_batch_size}")
+        check(
+            self.batch_size > 0 and self.micro_batch_size > 0,
+            f"batch sizes must be positive, got {self.batch_size}/{self.micro_batch_size}",
+        )
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}")
-        check(self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}")
+        check(
+            self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
+        )
+        check(
+            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
+        )
         check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         self.horizon_config()
         self.build_objective()
@@ -122,7 +157,9 @@ class TrainConfig:
             kwargs = {"kind": self.topk_kind, "beta": self.topk_beta, "tail": self.topk_tail}
         else:
             raise ConfigError(f"objective must be lightning | opd_plus | topk, got {self.objective!r}")
-        return make_objective(self.objective, sample_reduction=self.sample_reduction, ref_kl_coef=self.ref_kl_coef, **kwargs)
+        return make_objective(
+            self.objective, sample_reduction=self.sample_reduction, ref_kl_coef=self.ref_kl_coef, **kwargs
+        )
 
     def run_id(self) -> str:
         identity = {k: v for k, v in to_dict(self).items() if k not in RESUMABLE_FIELDS}
@@ -136,12 +173,16 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
     stores = [open_store(p) for p in paths]
     for store in stores:
         if store.kind != "scored":
-            raise StoreError(f"{store.root} is a rollouts store with no teacher log-probs; run `lopd score` on it first")
+            raise StoreError(
+                f"{store.root} is a rollouts store with no teacher log-probs; run `lopd score` on it first"
+            )
         check_store_for_training(store.manifest, student_fingerprint, config.student)
     topks = {store.topk for store in stores}
     objective = config.build_objective()
     if objective.needs_topk and (None in topks or len(topks) != 1):
-        raise StoreError(f"objective {config.objective!r} needs stores with teacher top-k (all the same k); got k={sorted(map(str, topks))}")
+        raise StoreError(
+            f"objective {config.objective!r} needs stores with teacher top-k (all the same k); got k={sorted(map(str, topks))}"
+        )
     weights = [float(w) for w in config.store_weights.split(",")] if config.store_weights else None
     if weights is not None and len(weights) != len(stores):
         raise ConfigError(f"--store-weights has {len(weights)} values for {len(stores)} stores")
@@ -158,7 +199,9 @@ def find_checkpoint(config: TrainConfig) -> Path | None:
         if not (path / "trainer_state.json").exists():
             raise TrainingError(f"--resume {path} is not a checkpoint (no trainer_state.json)")
         return path
-    checkpoints = sorted((Path(config.out) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = sorted(
+        (Path(config.out) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+    )
     complete = [p for p in checkpoints if (p / "trainer_state.json").exists()]  # written last: marks it whole
     return complete[-1] if complete else None
 
@@ -168,7 +211,9 @@ def save_checkpoint(accelerator, out: Path, step: int, stream, run_id: str, keep
     path = out / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        write_json_atomic(path / "trainer_state.json", {"step": step, "run_id": run_id, "stream": stream.state_dict()})
+        write_json_atomic(
+            path / "trainer_state.json", {"step": step, "run_id": run_id, "stream": stream.state_dict()}
+        )
         older = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
@@ -195,7 +240,9 @@ def run(config: TrainConfig, log=print) -> Path:
         finish_reasons=tuple(r for r in config.finish_reasons.split(",") if r),
         max_response_length=config.max_response_tokens or None,
     )
-    stream = RolloutStream(stores, weights, shuffle_buffer=config.shuffle_buffer, seed=config.seed, row_filter=row_filter)
+    stream = RolloutStream(
+        stores, weights, shuffle_buffer=config.shuffle_buffer, seed=config.seed, row_filter=row_filter
+    )
     start_step, run_id = 0, config.run_id()
     checkpoint = find_checkpoint(config)
     if checkpoint is not None:
@@ -209,17 +256,29 @@ def run(config: TrainConfig, log=print) -> Path:
         stream.load_state_dict(state["stream"])
         start_step = int(state["step"])
         log(f"stage 2: resumed from {checkpoint} at step {start_step}")
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step) if accelerator.is_main_process else None
-    eval_records = load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
+    metrics = (
+        MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
+        if accelerator.is_main_process
+        else None
+    )
+    eval_records = (
+        load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.batch_size % world:
-        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
-    log(f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded")
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be divisible by the number of processes {world}"
+        )
+    log(
+        f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded"
+    )
     started = timer()
     for step in range(start_step, config.steps):
         t0 = timer()
         horizon = horizon_at(config.horizon_config(), step, store_horizon)
-        rows = [next(stream) for _ in range(config.batch_size)][rank::world]  # every rank reads the same sequence
+        rows = [next(stream) for _ in range(config.batch_size)][
+            rank::world
+        ]  # every rank reads the same sequence
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
         loss_sum, tokens, response_tokens = 0.0, 0, 0
@@ -227,7 +286,9 @@ def run(config: TrainConfig, log=print) -> Path:
             batch = collate(chunk, horizon, tokenizer.pad_token_id, topk).to(accelerator.device)
             sync = accelerator.no_sync(model) if j < len(micro) - 1 else _nullcontext()
             with sync, accelerator.autocast():
-                token_batch = student_token_batch(model, batch, needs_topk=objective.needs_topk, chunk_size=config.chunk_size)
+                token_batch = student_token_batch(
+                    model, batch, needs_topk=objective.needs_topk, chunk_size=config.chunk_size
+                )
                 loss, parts = objective(token_batch)
                 if config.sample_reduction == "mean":
                     loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
@@ -241,19 +302,34 @@ def run(config: TrainConfig, log=print) -> Path:
                     totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise TrainingError(f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr")
+            raise TrainingError(
+                f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = timer() - t0
         row = {
             **totals,
-            "step": step + 1, "horizon": horizon, "loss": loss_sum, "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0], "tokens": tokens * world, "tokens_per_s": tokens * world / elapsed,
-            "response_tokens": response_tokens * world, "step_time_s": elapsed, "elapsed_s": timer() - started,
+            "step": step + 1,
+            "horizon": horizon,
+            "loss": loss_sum,
+            "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": tokens * world,
+            "tokens_per_s": tokens * world / elapsed,
+            "response_tokens": response_tokens * world,
+            "step_time_s": elapsed,
+            "elapsed_s": timer() - started,
         }
-        if eval_records and config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            row["eval_accuracy"] = evaluate(accelerator, model, tokenizer, eval_records, config, store_horizon)
+        if (
+            eval_records
+            and config.eval_every
+            and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps)
+        ):
+            row["eval_accuracy"] = evaluate(
+                accelerator, model, tokenizer, eval_records, config, store_horizon
+            )
         if metrics is not None:
             metrics.write(row)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -277,7 +353,12 @@ def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizo
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     result = evaluate_model(
-        unwrapped, tokenizer, records, model_name="student", verifier=config.verifier, max_new_tokens=horizon,
+        unwrapped,
+        tokenizer,
+        records,
+        model_name="student",
+        verifier=config.verifier,
+        max_new_tokens=horizon,
         backend="transformers",
     )
     unwrapped.train()
@@ -304,7 +385,11 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: 
                 parent=parent.__dict__ if parent else None,
                 inputs={
                     "stores": [
-                        {"path": str(s.root), "store_id": s.store_id, "manifest_sha256": _sha256(s.root / "manifest.json")}
+                        {
+                            "path": str(s.root),
+                            "store_id": s.store_id,
+                            "manifest_sha256": _sha256(s.root / "manifest.json"),
+                        }
                         for s in stores
                     ]
                 },

@@ -44,9 +44,13 @@ def run_lopd(*args, check=True):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"lopd {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"lopd {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -64,8 +68,12 @@ def sft_student_dir(tmp_path_factory, micro_teacher_dir):
     ident = model_identity(path)
     write_provenance(
         path,
-        Provenance(stage="sft", model_fingerprint=model_fingerprint(path), tokenizer_fingerprint=ident.tokenizer_fingerprint,
-                   sft_teacher=asdict(model_identity(micro_teacher_dir))),
+        Provenance(
+            stage="sft",
+            model_fingerprint=model_fingerprint(path),
+            tokenizer_fingerprint=ident.tokenizer_fingerprint,
+            sft_teacher=asdict(model_identity(micro_teacher_dir)),
+        ),
     )
     return path
 
@@ -83,8 +91,17 @@ def opd_prompts(tmp_path_factory):
 def precompute_config(student, teacher, prompts, out, **overrides):
     from pipelines.precompute import PrecomputeConfig
 
-    settings = dict(student=str(student), teacher=str(teacher), prompts=str(prompts), out=str(out), max_new_tokens=8,
-                    part_size=4, backend="transformers", temperature=1.0, seed=3)
+    settings = dict(
+        student=str(student),
+        teacher=str(teacher),
+        prompts=str(prompts),
+        out=str(out),
+        max_new_tokens=8,
+        part_size=4,
+        backend="transformers",
+        temperature=1.0,
+        seed=3,
+    )
     settings.update(overrides)
     return PrecomputeConfig(**settings)
 
@@ -95,5 +112,7 @@ def micro_store(tmp_path_factory, sft_student_dir, micro_teacher_dir, opd_prompt
     from pipelines import precompute
 
     out = tmp_path_factory.mktemp("store") / "store"
-    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, out, topk=3), log=lambda *_: None)
+    precompute.run(
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, out, topk=3), log=lambda *_: None
+    )
     return out

@@ -13,9 +13,13 @@ from lightning_opd.toy.task import sample_problems, to_records
 
 
 def lopd(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"lopd {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"lopd {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -29,14 +33,40 @@ def prompt_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, micro_teacher_dir, micro_student_dir, prompt_file):
     out = tmp_path_factory.mktemp("runs") / "sft"
-    lopd("sft", "--teacher", micro_teacher_dir, "--student", micro_student_dir, "--prompts", prompt_file,
-         "--out", out, "--steps", 3, "--batch-size", 4, "--max-new-tokens", 8, "--warmup-steps", 1, "--temperature", 1.0,
-         "--backend", "transformers")
+    lopd(
+        "sft",
+        "--teacher",
+        micro_teacher_dir,
+        "--student",
+        micro_student_dir,
+        "--prompts",
+        prompt_file,
+        "--out",
+        out,
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--max-new-tokens",
+        8,
+        "--warmup-steps",
+        1,
+        "--temperature",
+        1.0,
+        "--backend",
+        "transformers",
+    )
     return out
 
 
 def test_sft_writes_model_data_and_provenance(sft_run, micro_teacher_dir, micro_student_dir):
-    for name in ("config.json", "sft_data.jsonl", "metrics.jsonl", "lopd_provenance.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "sft_data.jsonl",
+        "metrics.jsonl",
+        "lopd_provenance.json",
+        "tokenizer_config.json",
+    ):
         assert (sft_run / name).exists(), name
     prov = read_provenance(sft_run)
     assert prov.stage == "sft"
@@ -49,8 +79,22 @@ def test_sft_writes_model_data_and_provenance(sft_run, micro_teacher_dir, micro_
 
 def test_sft_refuses_another_run_in_the_same_dir(sft_run, micro_teacher_dir, micro_student_dir, prompt_file):
     before = model_fingerprint(sft_run)
-    result = lopd("sft", "--teacher", micro_teacher_dir, "--student", micro_student_dir, "--prompts", prompt_file,
-                  "--out", sft_run, "--steps", 5, "--warmup-steps", 1, check=False)
+    result = lopd(
+        "sft",
+        "--teacher",
+        micro_teacher_dir,
+        "--student",
+        micro_student_dir,
+        "--prompts",
+        prompt_file,
+        "--out",
+        sft_run,
+        "--steps",
+        5,
+        "--warmup-steps",
+        1,
+        check=False,
+    )
     assert result.returncode == 2
     assert "already holds a different run" in result.stderr and "steps" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
@@ -59,11 +103,30 @@ def test_sft_refuses_another_run_in_the_same_dir(sft_run, micro_teacher_dir, mic
 
 def test_eval_prints_table_and_writes_json(sft_run, tmp_path, prompt_file):
     out = tmp_path / "eval.json"
-    result = lopd("eval", "--model", sft_run, "--prompts", prompt_file, "--samples", 2, "--ks", "1,2",
-                  "--max-new-tokens", 8, "--out", out, "--name", "micro")
+    result = lopd(
+        "eval",
+        "--model",
+        sft_run,
+        "--prompts",
+        prompt_file,
+        "--samples",
+        2,
+        "--ks",
+        "1,2",
+        "--max-new-tokens",
+        8,
+        "--out",
+        out,
+        "--name",
+        "micro",
+    )
     assert "greedy acc" in result.stdout and "pass@2" in result.stdout and "micro" in result.stdout
     data = json.loads(out.read_text())["result"]
-    assert data["num_prompts"] == 12 and 0 <= data["greedy_accuracy"] <= 1 and set(data["pass_at_k"]) == {"1", "2"}
+    assert (
+        data["num_prompts"] == 12
+        and 0 <= data["greedy_accuracy"] <= 1
+        and set(data["pass_at_k"]) == {"1", "2"}
+    )
 
 
 @pytest.mark.parametrize(
@@ -86,8 +149,12 @@ def test_sft_bad_input(args, message, tmp_path, micro_teacher_dir, micro_student
     tok.add_tokens(["<x>"])
     AutoModelForCausalLM.from_pretrained(micro_teacher_dir).save_pretrained(tmp_path / "foreign")
     tok.save_pretrained(tmp_path / "foreign")
-    subst = {"{empty}": tmp_path / "empty.jsonl", "{nofield}": tmp_path / "nofield.jsonl", "{tmp}": tmp_path,
-             "{foreign_tok}": tmp_path / "foreign"}
+    subst = {
+        "{empty}": tmp_path / "empty.jsonl",
+        "{nofield}": tmp_path / "nofield.jsonl",
+        "{tmp}": tmp_path,
+        "{foreign_tok}": tmp_path / "foreign",
+    }
     base = {"--teacher": micro_teacher_dir, "--student": micro_student_dir, "--prompts": prompt_file}
     base.update({args[0]: subst.get(args[1], args[1])})
     flat = [x for kv in base.items() for x in kv]

@@ -31,7 +31,9 @@ def test_stable_across_save_load_and_dtype(micro_student_dir, tmp_path):
 def test_bin_checkpoint_matches_safetensors(micro_student_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(micro_student_dir)
     (tmp_path / "bin").mkdir()
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied, as safetensors saves it
+    state = {
+        k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }  # tied, as safetensors saves it
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     assert model_fingerprint(tmp_path / "bin") == model_fingerprint(micro_student_dir)
 
@@ -67,7 +69,9 @@ def test_not_a_model_dir(tmp_path):
 def test_tokenizer_fingerprint(char_tokenizer, micro_student_dir):
     from transformers import AutoTokenizer
 
-    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(micro_student_dir)) == tokenizer_fingerprint(char_tokenizer)
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(micro_student_dir)) == tokenizer_fingerprint(
+        char_tokenizer
+    )
     other = build_char_tokenizer()
     other.add_tokens(["<think>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(char_tokenizer)

@@ -13,7 +13,10 @@ from lightning_opd.prompts import PromptRecord, encode_prompt, load_prompts, pro
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.sft import IGNORE_INDEX, SFTExample, collate_sft, response_nll
 
-ROWS = [{"prompt_id": "a", "prompt": "1+2=", "answer": "3"}, {"prompt_id": "b", "prompt": "4+5=", "answer": "9"}]
+ROWS = [
+    {"prompt_id": "a", "prompt": "1+2=", "answer": "3"},
+    {"prompt_id": "b", "prompt": "4+5=", "answer": "9"},
+]
 
 
 def test_prompt_formats_load_the_same(tmp_path):
@@ -42,7 +45,9 @@ def test_prompt_set_bad_input(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{not json\n')
     with pytest.raises(InputError, match="bad.jsonl:2"):
         load_prompts(tmp_path / "bad.jsonl")
-    write_jsonl([{"prompt_id": "x", "prompt": "a"}, {"prompt_id": "x", "prompt": "b"}], tmp_path / "dup.jsonl")
+    write_jsonl(
+        [{"prompt_id": "x", "prompt": "a"}, {"prompt_id": "x", "prompt": "b"}], tmp_path / "dup.jsonl"
+    )
     with pytest.raises(InputError, match="duplicate"):
         load_prompts(tmp_path / "dup.jsonl")
     with pytest.raises(InputError, match="does not exist"):
@@ -84,7 +89,13 @@ def test_sft_loss_masks_prompt_and_padding(micro_student_dir):
 
 def test_provenance_round_trip(micro_student_dir, tmp_path):
     ident = model_identity(micro_student_dir)
-    prov = Provenance(stage="sft", model_fingerprint="fp1:x", tokenizer_fingerprint="tok1:y", sft_teacher=ident.__dict__, config={"lr": 1e-3})
+    prov = Provenance(
+        stage="sft",
+        model_fingerprint="fp1:x",
+        tokenizer_fingerprint="tok1:y",
+        sft_teacher=ident.__dict__,
+        config={"lr": 1e-3},
+    )
     write_provenance(tmp_path, prov)
     back = read_provenance(tmp_path)
     assert back.sft_teacher_identity == ident
@@ -102,7 +113,9 @@ def test_model_dir_checks(tmp_path, micro_student_dir):
     with pytest.raises(InputError, match="no config.json"):
         load_causal_lm(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    (tmp_path / "bert" / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]})
+    )
     with pytest.raises(InputError, match="not a causal language model"):
         load_causal_lm(tmp_path / "bert")
     (tmp_path / "noweights").mkdir()

@@ -31,7 +31,9 @@ def naive_logprobs(model_dir, prompt, response):
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits.float()[0], -1)
     positions = range(len(prompt) - 1, len(prompt) + len(response) - 1)
-    return np.array([logp[p, ids[0, p + 1]].item() for p in positions]), logp[len(prompt) - 1 : len(prompt) + len(response) - 1]
+    return np.array([logp[p, ids[0, p + 1]].item() for p in positions]), logp[
+        len(prompt) - 1 : len(prompt) + len(response) - 1
+    ]
 
 
 def test_store_matches_naive_scoring(micro_store, sft_student_dir, micro_teacher_dir):
@@ -64,8 +66,21 @@ def test_manifest_records_identity_and_stats(micro_store, sft_student_dir, micro
 
 def test_cli_precompute_inspect_verify(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts):
     out = tmp_path / "store"
-    run_lopd("rollout", "--student", sft_student_dir, "--prompts", opd_prompts, "--out", tmp_path / "rollouts",
-             "--max-new-tokens", 6, "--part-size", 5, "--backend", "transformers")
+    run_lopd(
+        "rollout",
+        "--student",
+        sft_student_dir,
+        "--prompts",
+        opd_prompts,
+        "--out",
+        tmp_path / "rollouts",
+        "--max-new-tokens",
+        6,
+        "--part-size",
+        5,
+        "--backend",
+        "transformers",
+    )
     assert open_store(tmp_path / "rollouts").kind == "rollouts"
     run_lopd("score", "--rollouts", tmp_path / "rollouts", "--teacher", micro_teacher_dir, "--out", out)
     assert "OK" in run_lopd("store", "verify", out).stdout
@@ -74,8 +89,12 @@ def test_cli_precompute_inspect_verify(tmp_path, sft_student_dir, micro_teacher_
     assert open_store(out).kind == "scored"
 
 
-def test_resume_after_crash_reproduces_the_store(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts, monkeypatch):
-    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "clean"), **QUIET)
+def test_resume_after_crash_reproduces_the_store(
+    tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts, monkeypatch
+):
+    precompute.run(
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "clean"), **QUIET
+    )
     from lightning_opd.store import StoreWriter
 
     real_write = StoreWriter.write_part
@@ -98,10 +117,17 @@ def test_resume_after_crash_reproduces_the_store(tmp_path, sft_student_dir, micr
 
 
 def test_sharded_runs_merge_to_the_same_store(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts):
-    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "single"), **QUIET)
+    precompute.run(
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "single"), **QUIET
+    )
     sharded = tmp_path / "sharded"
     for index in (1, 0):
-        precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, sharded, shard_index=index, num_shards=2), **QUIET)
+        precompute.run(
+            precompute_config(
+                sft_student_dir, micro_teacher_dir, opd_prompts, sharded, shard_index=index, num_shards=2
+            ),
+            **QUIET,
+        )
     # The last worker to finish commits the manifest itself; `lopd store finalize` is then a no-op.
     run_lopd("store", "finalize", sharded)
     assert store_rows(sharded) == store_rows(tmp_path / "single")
@@ -110,7 +136,10 @@ def test_sharded_runs_merge_to_the_same_store(tmp_path, sft_student_dir, micro_t
 
 def test_partial_shards_are_not_a_store(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts):
     out = tmp_path / "half"
-    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, out, shard_index=0, num_shards=2), **QUIET)
+    precompute.run(
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, out, shard_index=0, num_shards=2),
+        **QUIET,
+    )
     assert not (out / "manifest.json").exists()
     result = run_lopd("store", "finalize", out, check=False)
     assert result.returncode != 0 and "not committed" in result.stderr and "parts 1" in result.stderr
@@ -120,30 +149,49 @@ def test_teacher_consistency_gate(tmp_path, sft_student_dir, micro_student_dir, 
     # The student's SFT teacher is the micro teacher; scoring with another model is refused, naming both.
     other_teacher = micro_student_dir
     with pytest.raises(TeacherConsistencyError) as err:
-        precompute.run(precompute_config(sft_student_dir, other_teacher, opd_prompts, tmp_path / "a"), **QUIET)
-    assert model_fingerprint(other_teacher) in str(err.value) and "--allow-inconsistent-teacher" in str(err.value)
+        precompute.run(
+            precompute_config(sft_student_dir, other_teacher, opd_prompts, tmp_path / "a"), **QUIET
+        )
+    assert model_fingerprint(other_teacher) in str(err.value) and "--allow-inconsistent-teacher" in str(
+        err.value
+    )
     assert not (tmp_path / "a" / "manifest.json").exists()
     precompute.run(
-        precompute_config(sft_student_dir, other_teacher, opd_prompts, tmp_path / "b", allow_inconsistent_teacher=True), **QUIET
+        precompute_config(
+            sft_student_dir, other_teacher, opd_prompts, tmp_path / "b", allow_inconsistent_teacher=True
+        ),
+        **QUIET,
     )
     record = open_store(tmp_path / "b").manifest.teacher_consistency
     assert record["consistent"] is False and record["allowed"] is True and record["note"]
 
 
-def test_student_without_provenance_warns_and_can_declare(tmp_path, micro_student_dir, micro_teacher_dir, opd_prompts):
+def test_student_without_provenance_warns_and_can_declare(
+    tmp_path, micro_student_dir, micro_teacher_dir, opd_prompts
+):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        precompute.run(precompute_config(micro_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "a"), **QUIET)
+        precompute.run(
+            precompute_config(micro_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "a"), **QUIET
+        )
     assert any("no provenance" in str(w.message) for w in caught)
     assert open_store(tmp_path / "a").manifest.teacher_consistency["consistent"] is None
     precompute.run(
-        precompute_config(micro_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "b", sft_teacher=str(micro_teacher_dir)),
+        precompute_config(
+            micro_student_dir,
+            micro_teacher_dir,
+            opd_prompts,
+            tmp_path / "b",
+            sft_teacher=str(micro_teacher_dir),
+        ),
         **QUIET,
     )
     assert open_store(tmp_path / "b").manifest.teacher_consistency["consistent"] is True
 
 
-def test_tokenizer_mismatch_is_found_before_any_work(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts):
+def test_tokenizer_mismatch_is_found_before_any_work(
+    tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts
+):
     from lightning_opd.toy.tokenizer import build_char_tokenizer
 
     foreign = tmp_path / "foreign_teacher"
@@ -152,22 +200,34 @@ def test_tokenizer_mismatch_is_found_before_any_work(tmp_path, sft_student_dir, 
     tok.add_tokens(["<tool>"])
     tok.save_pretrained(foreign)
     with pytest.raises(TokenizerMismatchError, match="different tokenizers"):
-        precompute.run(precompute_config(sft_student_dir, foreign, opd_prompts, tmp_path / "s", allow_inconsistent_teacher=True), **QUIET)
+        precompute.run(
+            precompute_config(
+                sft_student_dir, foreign, opd_prompts, tmp_path / "s", allow_inconsistent_teacher=True
+            ),
+            **QUIET,
+        )
 
 
-def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, sft_student_dir, micro_teacher_dir):
+def test_prompts_longer_than_the_context_are_skipped_and_counted(
+    tmp_path, sft_student_dir, micro_teacher_dir
+):
     from lightning_opd.prompts import write_jsonl
 
     context = json.loads((sft_student_dir / "config.json").read_text())["max_position_embeddings"]
     rows = [{"prompt_id": "ok", "prompt": "1+2="}, {"prompt_id": "long", "prompt": "1" * (context + 5)}]
     write_jsonl(rows, tmp_path / "p.jsonl")
     with pytest.warns(UserWarning, match="skipped 1 of 2 prompts"):
-        precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, tmp_path / "p.jsonl", tmp_path / "s"), **QUIET)
+        precompute.run(
+            precompute_config(sft_student_dir, micro_teacher_dir, tmp_path / "p.jsonl", tmp_path / "s"),
+            **QUIET,
+        )
     store = open_store(tmp_path / "s")
     assert store.num_rows == 1 and store.manifest.prompt_set["skipped_prompts"] == 1
 
 
-def test_nan_teacher_logprobs_are_refused_and_nothing_is_committed(tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts, monkeypatch):
+def test_nan_teacher_logprobs_are_refused_and_nothing_is_committed(
+    tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts, monkeypatch
+):
     real = precompute.score_sequences
 
     def poisoned(*args, **kwargs):
@@ -177,7 +237,9 @@ def test_nan_teacher_logprobs_are_refused_and_nothing_is_committed(tmp_path, sft
 
     monkeypatch.setattr(precompute, "score_sequences", poisoned)
     with pytest.raises(StoreError, match="(?i)nan|finite"):
-        precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "s"), **QUIET)
+        precompute.run(
+            precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "s"), **QUIET
+        )
     assert not (tmp_path / "s" / "manifest.json").exists()
     assert not list((tmp_path / "s" / "data").glob("*.parquet"))
 
@@ -192,4 +254,6 @@ def test_interop_polars_duckdb_datasets(micro_store):
     count = duckdb.sql(f"select count(*) from read_parquet('{pattern}')").fetchall()[0][0]
     dataset = load_dataset("parquet", data_files=pattern, split="train")
     assert len(frame) == count == len(dataset) == 10
-    assert str(pq.read_schema(next((micro_store / "data").glob("*.parquet"))).field("teacher_logprobs").type).startswith("list<element: float")
+    assert str(
+        pq.read_schema(next((micro_store / "data").glob("*.parquet"))).field("teacher_logprobs").type
+    ).startswith("list<element: float")

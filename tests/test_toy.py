@@ -24,7 +24,9 @@ def test_tokenizer_round_trips_exactly(char_tokenizer, tmp_path):
     assert len(ids) == len(text)  # one token per character
     assert loaded.get_vocab() == char_tokenizer.get_vocab()
     assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (
-        char_tokenizer.pad_token_id, char_tokenizer.eos_token_id, "left",
+        char_tokenizer.pad_token_id,
+        char_tokenizer.eos_token_id,
+        "left",
     )
     assert loaded.decode(ids + [loaded.eos_token_id], skip_special_tokens=True) == text
 

@@ -322,7 +322,14 @@ def aggregate_stats(parts: list[dict[str, Any]]) -> fmt.StoreStats:
 # ---------------------------------------------------------------------------------------------
 
 # A stage may save its config.json (and precompute its intermediate rollouts) beside the store's files.
-_STORE_ENTRIES = {fmt.MANIFEST_FILE, fmt.DATA_DIR, fmt.COMMITS_DIR, fmt.LOCKS_DIR, fmt.ROLLOUTS_SUBDIR, "config.json"}
+_STORE_ENTRIES = {
+    fmt.MANIFEST_FILE,
+    fmt.DATA_DIR,
+    fmt.COMMITS_DIR,
+    fmt.LOCKS_DIR,
+    fmt.ROLLOUTS_SUBDIR,
+    "config.json",
+}
 
 
 class StoreWriter:

@@ -76,11 +76,11 @@ def sample_problems(split: str, n: int, digits: tuple[int, ...] = (3,), seed: in
     rng = random.Random(f"{split}-{seed}-{digits}")
     seen: set[tuple[int, int]] = set()
     out: list[Problem] = []
-    capacity = sum(
-        (9 * 10 ** (d - 1) if d > 1 else 10) ** 2 * len(SPLITS[split]) // 100 for d in set(digits)
-    )
+    capacity = sum((9 * 10 ** (d - 1) if d > 1 else 10) ** 2 * len(SPLITS[split]) // 100 for d in set(digits))
     if n > capacity * 0.9:
-        raise ValueError(f"asked for {n} problems from split {split!r} with digits {digits}; it holds about {capacity}")
+        raise ValueError(
+            f"asked for {n} problems from split {split!r} with digits {digits}; it holds about {capacity}"
+        )
     while len(out) < n:
         d = rng.choice(digits)
         lo, hi = (0 if d == 1 else 10 ** (d - 1)), 10**d - 1

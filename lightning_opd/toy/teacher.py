@@ -49,17 +49,22 @@ def gold_examples(tokenizer, split: str, n: int, digits, seed: int) -> list[SFTE
     problems = sample_problems(split, n, digits=digits, seed=seed)
     eos = tokenizer.eos_token_id
     return [
-        SFTExample(tokenizer(p.prompt)["input_ids"], tokenizer(p.solution)["input_ids"] + [eos]) for p in problems
+        SFTExample(tokenizer(p.prompt)["input_ids"], tokenizer(p.solution)["input_ids"] + [eos])
+        for p in problems
     ]
 
 
-def ensure_toy_teacher(recipe: ToyTeacherRecipe = ToyTeacherRecipe(), cache_dir: Path | None = None, log=print) -> Path:
+def ensure_toy_teacher(
+    recipe: ToyTeacherRecipe = ToyTeacherRecipe(), cache_dir: Path | None = None, log=print
+) -> Path:
     """Path of a trained toy teacher for ``recipe``, training it (minutes) only when not cached."""
     out = (cache_dir or default_cache_dir()) / f"toy-teacher-{recipe.spec.describe()}-{recipe.key()}"
     if (out / "lopd_provenance.json").exists():
         log(f"toy teacher: reusing cached {out}")
         return out
-    log(f"toy teacher: training {recipe.spec.describe()} for {recipe.steps} steps (cached afterwards at {out})")
+    log(
+        f"toy teacher: training {recipe.spec.describe()} for {recipe.steps} steps (cached afterwards at {out})"
+    )
     torch.manual_seed(recipe.seed)
     tokenizer = build_char_tokenizer()
     model = build_model(recipe.spec, tokenizer, seed=recipe.seed)
@@ -93,7 +98,9 @@ def write_toy_student_init(out: Path, spec: ToyModelSpec = STUDENT_SPEC, seed: i
     return out
 
 
-def write_toy_prompt_sets(out: Path, *, sft: int, opd: int, eval: int, digits=(3,), seed: int = 0) -> dict[str, Path]:
+def write_toy_prompt_sets(
+    out: Path, *, sft: int, opd: int, eval: int, digits=(3,), seed: int = 0
+) -> dict[str, Path]:
     """JSONL prompt sets for each stage from disjoint splits (with answers; SFT with gold solutions)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
