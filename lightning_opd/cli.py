@@ -29,6 +29,16 @@ JOBS = {
     ),
     "score": ("pipelines.precompute", "ScoreConfig", "stage 1, step 2: teacher scoring of a rollouts store"),
     "train": ("pipelines.train", "TrainConfig", "stage 2: offline OPD training from logprob stores"),
+    "train-online": (
+        "pipelines.train_online",
+        "OnlineConfig",
+        "standard online OPD: the student samples, a live teacher scores, every step",
+    ),
+    "compare": (
+        "pipelines.compare",
+        "CompareConfig",
+        "run the method family on one SFT student and one store; results.csv + plot",
+    ),
     "demo": ("pipelines.demo", "DemoConfig", "the whole pipeline on the embedded toy task"),
 }
 

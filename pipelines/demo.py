@@ -11,6 +11,7 @@ stage 1: student rollouts + teacher scoring into a logprob store -> stage 2: off
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +41,28 @@ class DemoConfig:
     sft_prompts: int = 1000
     opd_prompts: int = 1024
     eval_prompts: int = 500
-    sft_steps: int = 150
+    sft_steps: int = 300
     opd_steps: int = 40
-    opd_lr: float = 1e-4
+    opd_lr: float = 3e-5
     opd_batch_size: int = 64
+    topk: int = field(
+        default=8, metadata={"help": "teacher top-k kept in the store (for the top-k objective)"}
+    )
+    objectives: str = field(
+        default="lightning,topk",
+        metadata={
+            "help": "stage-two objectives to train from the one store: lightning (sampled token), topk"
+        },
+    )
     rollouts_per_prompt: int = 1
     horizon: int = 48
     teacher_steps: int = 300
     micro: bool = field(default=False, metadata={"help": "tiny sizes for tests (numbers meaningless)"})
     seed: int = 0
     backend: str = "auto"
+    overwrite: bool = field(
+        default=False, metadata={"help": "delete --workdir first (the toy teacher cache is kept)"}
+    )
 
     def __post_init__(self):
         check(self.eval_prompts > 0, f"eval_prompts must be positive, got {self.eval_prompts}")
@@ -63,7 +76,10 @@ def _specs(config: DemoConfig) -> tuple[ToyModelSpec, ToyModelSpec]:
 
 
 def run(config: DemoConfig, log=print) -> dict:
-    work = prepare_output_dir(config.workdir, config, overwrite=True)
+    if config.overwrite:
+        shutil.rmtree(config.workdir, ignore_errors=True)
+    # A rerun with the same config resumes stage by stage; a different config is refused (see --overwrite).
+    work = prepare_output_dir(config.workdir, config)
     timings: dict[str, float] = {}
     teacher_spec, student_spec = _specs(config)
 
@@ -115,6 +131,9 @@ def run(config: DemoConfig, log=print) -> dict:
                 max_new_tokens=config.horizon,
                 seed=config.seed,
                 backend=config.backend,
+                topk=config.topk,
+                # Each demo workdir is self-contained, even when an identical store exists elsewhere.
+                allow_duplicate=True,
                 overwrite=True,
             ),
             log=log,
@@ -123,32 +142,40 @@ def run(config: DemoConfig, log=print) -> dict:
     log(format_summary(summarize_store(store)))
     timings["stage 1: rollouts + scoring"] = time.time() - t
 
-    t = time.time()
-    opd_out = work / "opd"
-    final = opd_out / "final"
-    if not (final / "lopd_provenance.json").exists():
-        train.run(
-            train.TrainConfig(
-                student=str(sft_out),
-                stores=str(store_dir),
-                out=str(opd_out),
-                steps=config.opd_steps,
-                batch_size=config.opd_batch_size,
-                micro_batch_size=config.opd_batch_size,
-                lr=config.opd_lr,
-                sample_reduction="mean",
-                seed=config.seed,
-                log_every=5,
-                overwrite=True,
-            ),
-            log=log,
-        )
-    timings["stage 2: offline OPD"] = time.time() - t
+    # Stage two, once per objective, from the same store: no teacher is loaded for any of them.
+    finals = {}
+    for objective in [o for o in config.objectives.split(",") if o]:
+        t = time.time()
+        out = work / f"opd-{objective}"
+        finals[objective] = out / "final"
+        if not (finals[objective] / "lopd_provenance.json").exists():
+            train.run(
+                train.TrainConfig(
+                    student=str(sft_out),
+                    stores=str(store_dir),
+                    out=str(out),
+                    objective=objective,
+                    steps=config.opd_steps,
+                    batch_size=config.opd_batch_size,
+                    micro_batch_size=config.opd_batch_size,
+                    lr=config.opd_lr,
+                    sample_reduction="mean",
+                    seed=config.seed,
+                    log_every=10,
+                    overwrite=True,
+                ),
+                log=log,
+            )
+        timings[f"stage 2: offline OPD ({objective})"] = time.time() - t
 
     t = time.time()
     records = load_prompts(prompts["eval"])
     results = []
-    for name, path in (("teacher", teacher), ("SFT student", sft_out), ("Lightning-OPD student", final)):
+    labels = {"lightning": "Lightning OPD (sampled token)", "topk": "Lightning OPD (top-k reverse KL)"}
+    models = [("teacher", teacher), ("SFT student", sft_out)] + [
+        (labels.get(o, o), p) for o, p in finals.items()
+    ]
+    for name, path in models:
         model, tokenizer = load_causal_lm(path, dtype="float32")
         results.append(
             evaluate_model(model, tokenizer, records, model_name=name, max_new_tokens=config.horizon)

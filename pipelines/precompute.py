@@ -26,6 +26,7 @@ from transformers import AutoConfig
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
+from lightning_opd.errors import InputError, StoreError
 from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
@@ -40,8 +41,9 @@ from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.reader import read_part
+from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.store.writer import read_saved_header
-from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS
+from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS, compute_store_id
 
 
 @dataclass
@@ -107,6 +109,9 @@ class ScoreConfig:
     sft_teacher: str = field(
         default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"}
     )
+    allow_duplicate: bool = field(
+        default=False, metadata={"help": "write even if a store with the same content id exists elsewhere"}
+    )
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
     shard_index: int = 0
@@ -136,6 +141,7 @@ class PrecomputeConfig(RolloutConfig):
     topk_tail: str = "renormalize"
     allow_inconsistent_teacher: bool = False
     sft_teacher: str = ""
+    allow_duplicate: bool = False
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
 
@@ -153,6 +159,7 @@ class PrecomputeConfig(RolloutConfig):
             topk_tail=self.topk_tail,
             allow_inconsistent_teacher=self.allow_inconsistent_teacher,
             sft_teacher=self.sft_teacher,
+            allow_duplicate=self.allow_duplicate,
             max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size,
             shard_index=self.shard_index,
@@ -174,6 +181,11 @@ def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
 def finalize_if_complete(writer: StoreWriter, num_shards: int, log) -> bool:
     if writer.is_complete():
         manifest = writer.finalize(num_shards)
+        if manifest.kind == "scored":
+            try:
+                register(writer.root)  # the store cache lists it by content id for later reuse
+            except StoreError as e:
+                log(f"WARNING: could not record the store in the store cache: {e}")
         log(
             f"stage 1: store {writer.root} complete: {manifest.stats.num_rollouts} rollouts, {len(manifest.shards)} shards"
         )
@@ -202,8 +214,6 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
             stacklevel=1,
         )
     if not keep:
-        from lightning_opd.errors import InputError
-
         raise InputError(f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context")
     sampling = SamplingConfig(
         n=config.n,
@@ -290,8 +300,6 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
 def run_scoring(config: ScoreConfig, log=print) -> Path:
     rollouts_root = Path(config.rollouts)
     if not (rollouts_root / "commits").exists() and not (rollouts_root / "manifest.json").exists():
-        from lightning_opd.errors import StoreError
-
         raise StoreError(f"{rollouts_root} holds no rollouts store; run `lopd rollout` first")
     rollout_header = StoreWriter.read_header(rollouts_root)
     student = rollout_header["student"]
@@ -305,8 +313,7 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
         declared_sft_teacher=config.sft_teacher or None,
         log=log,
     )
-    teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
-    teacher_id.dtype = str(teacher.dtype).replace("torch.", "")
+    teacher_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace("torch.", "")
     header = {
         **rollout_header,
         # A declared SFT teacher (--sft-teacher) fills in what the student's provenance could not say.
@@ -316,6 +323,10 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
         "teacher_consistency": consistency,
         "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
     }
+    if not config.allow_duplicate:
+        # Content addressing: the same teacher, student, prompts and sampling make the same store. Reuse it.
+        check_not_duplicate(compute_store_id(header), config.out)
+    teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
     saved = read_saved_header(rollouts_root)
     columns = set(saved["columns"])
     writer = StoreWriter(

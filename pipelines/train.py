@@ -4,6 +4,8 @@
     accelerate launch -m lightning_opd.cli train ...          # several GPUs (DDP/FSDP/DeepSpeed)
     lopd train ... --horizon fraction --horizon-fraction 0.1   # TOPD at 10% of the store's horizon
     lopd train ... --horizon staircase --horizon-h0 16 --horizon-dh 16 --horizon-dk 20   # POPD
+    lopd train ... --preset esr            # ESR: horizon fixed at 100 + top-k reverse KL (top-k store)
+    lopd train ... --ref-kl-coef 0.01 --gold-nll-coef 0.1 --gold-prompts prompts/opd.jsonl   # StableOPD
 
 Writes into ``--out``: ``config.json``, ``metrics.jsonl`` (one row per step), ``checkpoints/step-N``
 (model, optimizer, scheduler, RNG and reader position: a rerun of the same command resumes exactly),
@@ -31,7 +33,8 @@ from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.objectives import make_objective
-from lightning_opd.prompts import load_prompts
+from lightning_opd.online import GoldSolutions, with_gold
+from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.store import RolloutStream, RowFilter, open_store
 from lightning_opd.trainer import MetricsLog, check_finite, collate, format_status, student_token_batch, timer
@@ -46,6 +49,9 @@ RESUMABLE_FIELDS = {
     "overwrite",
     "keep_checkpoints",
 }
+
+PRESETS = ("", "esr")
+ESR_HORIZON = 100  # METHODS §4: flat for N in 50-200, worse at N <= 20
 
 
 @dataclass
@@ -76,6 +82,18 @@ class TrainConfig:
     )
     ref_kl_coef: float = field(
         default=0.0, metadata={"help": "StableOPD: KL to the SFT student (the store's behaviour policy)"}
+    )
+    gold_nll_coef: float = field(
+        default=0.0,
+        metadata={"help": "StableOPD: weight of the NLL of gold solutions (needs --gold-prompts)"},
+    )
+    gold_prompts: str = field(
+        default="",
+        metadata={"help": "prompt set with a 'solution' per prompt_id: gold solutions mixed into each batch"},
+    )
+    preset: str = field(
+        default="",
+        metadata={"help": "esr: horizon fixed at --horizon-tokens (default 100) + top-k reverse KL"},
     )
     horizon: str = field(default="full", metadata={"help": "full | fixed | fraction | staircase | linear"})
     horizon_tokens: int = 0
@@ -130,8 +148,32 @@ class TrainConfig:
             self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
         )
         check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
+        check(self.gold_nll_coef >= 0, f"gold_nll_coef must be >= 0, got {self.gold_nll_coef}")
+        check(
+            not (self.gold_nll_coef > 0 and not self.gold_prompts),
+            f"gold_nll_coef={self.gold_nll_coef} needs --gold-prompts (a prompt set with a 'solution' per prompt)",
+        )
+        check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.preset == "esr":
+            self.apply_esr_preset()
         self.horizon_config()
         self.build_objective()
+
+    def apply_esr_preset(self) -> None:
+        """ESR (METHODS §4) = a fixed horizon N (default 100) + the top-k reverse KL over those positions.
+
+        Written into the config itself, so config.json shows what ran and reloading it is idempotent.
+        """
+        check(
+            self.horizon in ("full", "fixed"),
+            f"--preset esr fixes the horizon; drop --horizon {self.horizon} (use --horizon-tokens to change N)",
+        )
+        check(
+            self.objective in ("lightning", "topk"),
+            f"--preset esr trains the top-k objective; drop --objective {self.objective}",
+        )
+        self.horizon, self.horizon_tokens = "fixed", self.horizon_tokens or ESR_HORIZON
+        self.objective = "topk"
 
     @property
     def store_paths(self) -> list[str]:
@@ -158,7 +200,11 @@ class TrainConfig:
         else:
             raise ConfigError(f"objective must be lightning | opd_plus | topk, got {self.objective!r}")
         return make_objective(
-            self.objective, sample_reduction=self.sample_reduction, ref_kl_coef=self.ref_kl_coef, **kwargs
+            self.objective,
+            sample_reduction=self.sample_reduction,
+            ref_kl_coef=self.ref_kl_coef,
+            gold_nll_coef=self.gold_nll_coef,
+            **kwargs,
         )
 
     def run_id(self) -> str:
@@ -231,6 +277,7 @@ def run(config: TrainConfig, log=print) -> Path:
     model, tokenizer = load_causal_lm(config.student, dtype="float32", device=str(accelerator.device))
     model.train()
     objective = config.build_objective()
+    gold = GoldSolutions.load(config.gold_prompts, tokenizer) if config.gold_nll_coef > 0 else None
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
@@ -282,6 +329,7 @@ def run(config: TrainConfig, log=print) -> Path:
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
         loss_sum, tokens, response_tokens = 0.0, 0, 0
+        seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
         for j, chunk in enumerate(micro):
             batch = collate(chunk, horizon, tokenizer.pad_token_id, topk).to(accelerator.device)
             sync = accelerator.no_sync(model) if j < len(micro) - 1 else _nullcontext()
@@ -289,6 +337,11 @@ def run(config: TrainConfig, log=print) -> Path:
                 token_batch = student_token_batch(
                     model, batch, needs_topk=objective.needs_topk, chunk_size=config.chunk_size
                 )
+                if gold is not None:
+                    gold_rows = gold.rows_for(chunk, seen_gold)
+                    token_batch = with_gold(
+                        token_batch, model, gold_rows, tokenizer.pad_token_id, config.chunk_size
+                    )
                 loss, parts = objective(token_batch)
                 if config.sample_reduction == "mean":
                     loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
@@ -384,6 +437,7 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: 
                 config=asdict(config),
                 parent=parent.__dict__ if parent else None,
                 inputs={
+                    **_gold_input(config),
                     "stores": [
                         {
                             "path": str(s.root),
@@ -391,12 +445,23 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: 
                             "manifest_sha256": _sha256(s.root / "manifest.json"),
                         }
                         for s in stores
-                    ]
+                    ],
                 },
             ),
         )
         log(f"stage 2: trained student saved to {final}")
     return final
+
+
+def _gold_input(config: TrainConfig) -> dict:
+    if not config.gold_nll_coef:
+        return {}
+    return {
+        "gold_prompts": {
+            "path": config.gold_prompts,
+            "content_hash": prompt_set_hash(load_prompts(config.gold_prompts)),
+        }
+    }
 
 
 def _sha256(path: Path) -> str:

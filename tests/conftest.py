@@ -14,6 +14,24 @@ from lightning_opd.toy.tokenizer import build_char_tokenizer
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_store_cache(tmp_path_factory):
+    """Session-scoped fixtures (micro_store) are built before any per-test fixture: give them a cache too."""
+    previous = os.environ.get("LOPD_STORE_CACHE")
+    os.environ["LOPD_STORE_CACHE"] = str(tmp_path_factory.mktemp("session-store-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LOPD_STORE_CACHE", None)
+    else:
+        os.environ["LOPD_STORE_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _private_store_cache(tmp_path, monkeypatch):
+    """No test writes the store index into the user's home, and no test sees another test's stores."""
+    monkeypatch.setenv("LOPD_STORE_CACHE", str(tmp_path / "store-cache"))
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return build_char_tokenizer()

@@ -109,10 +109,16 @@ def test_resume_after_crash_reproduces_the_store(
     monkeypatch.setattr(StoreWriter, "write_part", crashing_write)
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="injected crash"):
-        precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, crashed), **QUIET)
+        precompute.run(
+            precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, crashed, allow_duplicate=True),
+            **QUIET,
+        )
     assert not (crashed / "manifest.json").exists()
     monkeypatch.setattr(StoreWriter, "write_part", real_write)
-    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, crashed), **QUIET)
+    precompute.run(
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, crashed, allow_duplicate=True),
+        **QUIET,
+    )
     assert store_rows(crashed) == store_rows(tmp_path / "clean")
 
 
@@ -124,7 +130,13 @@ def test_sharded_runs_merge_to_the_same_store(tmp_path, sft_student_dir, micro_t
     for index in (1, 0):
         precompute.run(
             precompute_config(
-                sft_student_dir, micro_teacher_dir, opd_prompts, sharded, shard_index=index, num_shards=2
+                sft_student_dir,
+                micro_teacher_dir,
+                opd_prompts,
+                sharded,
+                shard_index=index,
+                num_shards=2,
+                allow_duplicate=True,
             ),
             **QUIET,
         )
@@ -183,6 +195,7 @@ def test_student_without_provenance_warns_and_can_declare(
             opd_prompts,
             tmp_path / "b",
             sft_teacher=str(micro_teacher_dir),
+            allow_duplicate=True,  # the same rows as "a": only the consistency record differs,
         ),
         **QUIET,
     )
@@ -257,3 +270,23 @@ def test_interop_polars_duckdb_datasets(micro_store):
     assert str(
         pq.read_schema(next((micro_store / "data").glob("*.parquet"))).field("teacher_logprobs").type
     ).startswith("list<element: float")
+
+
+def test_a_second_store_with_the_same_content_is_refused(
+    tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts
+):
+    first = tmp_path / "first"
+    precompute.run(precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, first), **QUIET)
+    assert "first" in run_lopd("store", "list").stdout  # registered by content id in the store cache
+    with pytest.raises(StoreError, match=f"already exists at {first}.*--allow-duplicate"):
+        precompute.run(
+            precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "second"), **QUIET
+        )
+    assert not (tmp_path / "second" / "manifest.json").exists()
+    precompute.run(  # rerunning into the same directory is a resume, not a duplicate
+        precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, first), **QUIET
+    )
+    other_seed = precompute_config(
+        sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "third", seed=4
+    )
+    precompute.run(other_seed, **QUIET)  # different sampling seed: different content, accepted

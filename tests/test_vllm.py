@@ -231,3 +231,51 @@ def test_scorer_refusals(scorer):
         scorer.score_sequences([[5] * 100], [[6] * (SAMPLER_CONTEXT + 1 - 100)])
     with pytest.raises(InputError, match="empty prompt"):
         scorer.score_sequences([[]], [[6]])
+
+
+def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
+    """Stage one end to end through the CLI with vLLM rollouts: the store verifies and says so."""
+    import json
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS))
+    )
+    out = tmp_path / "store"
+
+    def lopd(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    # The model scores its own rollouts (declared as its own SFT teacher): the point is the vLLM path.
+    lopd(
+        "precompute",
+        "--student",
+        model_dir,
+        "--teacher",
+        model_dir,
+        "--sft-teacher",
+        model_dir,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--backend",
+        "vllm",
+        "--dtype",
+        "float32",
+        "--n",
+        2,
+        "--max-new-tokens",
+        16,
+        "--part-size",
+        2,
+    )
+    assert "OK" in lopd("store", "verify", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sampling"]["backend"] == "vllm" and manifest["stats"]["num_rollouts"] == 2 * len(PROMPTS)

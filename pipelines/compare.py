@@ -1,0 +1,347 @@
+"""The method family side by side: one SFT student, one store, every method as a configuration.
+
+    lopd compare --student runs/demo/sft --teacher TEACHER --prompts runs/demo/prompts/opd.jsonl \\
+        --eval-prompts runs/demo/prompts/eval.jsonl --store runs/demo/store-top20 --out runs/compare
+    lopd compare ... --methods lightning,topd-10,online     # a subset
+    lopd compare ... --micro                                 # tiny sizes, for tests (numbers meaningless)
+
+Without ``--store`` stage one runs first (rollouts + teacher top-k scoring, timed). Each method
+trains from the same SFT student (offline methods on the same store, online methods sampling
+themselves), is evaluated greedily on ``--eval-prompts``, and lands in ``results.csv``; ``results.png``
+plots accuracy against wall-clock. An offline method's total time includes stage one (the store is
+shared: what TOPD/ESR would save by *generating* shorter rollouts is not credited, see METHODS §3).
+A finished method is skipped on a rerun with the same settings (``--overwrite`` reruns all).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
+from lightning_opd.errors import LopdError
+from lightning_opd.modeling import load_causal_lm
+from lightning_opd.online import evaluate_greedy
+from lightning_opd.prompts import load_prompts
+from lightning_opd.store import open_store
+from pipelines import precompute, train, train_online
+from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR
+
+CSV_COLUMNS = (
+    "method",
+    "kind",
+    "status",
+    "accuracy",
+    "trunc_rate",
+    "rep_rate",
+    "mean_response_tokens",
+    "train_s",
+    "median_step_s",
+    "stage_one_s",
+    "total_s",
+    "model",
+)
+
+
+@dataclass
+class CompareConfig:
+    student: str = field(metadata={"help": "the SFT student every method starts from (the store's sampler)"})
+    teacher: str = field(metadata={"help": "its SFT teacher (online methods; stage one without --store)"})
+    prompts: str = field(metadata={"help": "OPD prompt set with solutions (online prompts, gold mixture)"})
+    eval_prompts: str = field(metadata={"help": "held-out prompt set with answers"})
+    out: str = field(metadata={"help": "output directory"})
+    store: str = field(default="", metadata={"help": "scored store (default: run stage one into OUT/store)"})
+    methods: str = field(default="all", metadata={"help": "comma-separated method names, or all"})
+    steps: int = 40
+    batch_size: int = field(default=64, metadata={"help": "rollouts per step, offline and online"})
+    online_n: int = field(default=4, metadata={"help": "online samples per prompt"})
+    lr: float = 1e-4
+    sample_reduction: str = "mean"
+    esr_tokens: int = field(default=0, metadata={"help": "ESR's N (default: min(100, T/4) of the store's T)"})
+    topk: int = field(default=20, metadata={"help": "teacher top-k when stage one runs here"})
+    max_new_tokens: int = field(default=48, metadata={"help": "horizon T when stage one runs here"})
+    stage_one_seconds: float = field(
+        default=-1.0, metadata={"help": "stage-one time of --store (-1: from the store's file times)"}
+    )
+    eval_limit: int = 0
+    seed: int = 0
+    micro: bool = field(default=False, metadata={"help": "tiny sizes for tests"})
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.online_n > 0, f"online_n must be positive, got {self.online_n}")
+        check(self.esr_tokens >= 0, f"esr_tokens must be >= 0, got {self.esr_tokens}")
+        if self.micro:
+            self.steps, self.batch_size, self.online_n = 2, 4, 2
+            self.eval_limit, self.max_new_tokens, self.topk = self.eval_limit or 4, 8, 3
+        unknown = sorted(set(self.method_names()) - set(METHODS))
+        check(not unknown, f"unknown methods {unknown}; choose among {list(METHODS)}")
+
+    def method_names(self) -> list[str]:
+        return list(METHODS) if self.methods == "all" else [m for m in self.methods.split(",") if m]
+
+
+def method_grid(horizon: int, steps: int, gold_prompts: str, esr_tokens: int) -> dict[str, tuple[str, dict]]:
+    """name -> (kind, overrides of TrainConfig / OnlineConfig). ``horizon`` is the store's T."""
+    quarter = max(1, horizon // 4)
+    stable = {"ref_kl_coef": 0.01, "gold_nll_coef": 0.1}  # StableOPD's defaults (METHODS §5)
+    return {
+        "sft": ("baseline", {}),
+        "lightning": ("offline", {}),
+        "topd-25": ("offline", {"horizon": "fraction", "horizon_fraction": 0.25}),
+        "topd-10": ("offline", {"horizon": "fraction", "horizon_fraction": 0.10}),
+        "popd-staircase": (
+            "offline",
+            {
+                "horizon": "staircase",
+                "horizon_h0": quarter,
+                "horizon_dh": quarter,
+                "horizon_dk": max(1, steps // 4),
+            },
+        ),
+        "esr": ("offline", {"preset": "esr", "horizon_tokens": esr_tokens or min(100, quarter)}),
+        "opd+-fkl": ("offline", {"objective": "opd_plus", "divergence": "forward_kl"}),
+        "opd+-fkl-sg": (
+            "offline",
+            {"objective": "opd_plus", "divergence": "forward_kl", "stop_gradient": True},
+        ),
+        "opd+-jsd": ("offline", {"objective": "opd_plus", "divergence": "jsd"}),
+        "opd+-jsd-sg": ("offline", {"objective": "opd_plus", "divergence": "jsd", "stop_gradient": True}),
+        "stableopd": ("offline", {**stable, "gold_prompts": gold_prompts}),
+        "online": ("online", {}),
+        "online-stableopd": ("online", stable),
+    }
+
+
+METHODS = tuple(method_grid(48, 40, "", 0))
+
+
+def stage_one_seconds_from_files(store_root: Path) -> float | None:
+    """Stage-one wall-clock of a store `lopd precompute` wrote: rollouts header written -> manifest written.
+
+    File times survive a move but not a plain copy; anything implausible gives None.
+    """
+    start = store_root / ROLLOUTS_SUBDIR / "commits" / "header.json"
+    end = store_root / MANIFEST_FILE
+    if not (start.exists() and end.exists()):
+        return None
+    seconds = end.stat().st_mtime - start.stat().st_mtime
+    return seconds if seconds > 0 else None
+
+
+def build_store(config: CompareConfig, out: Path, log) -> tuple[Path, float]:
+    store = out / "store"
+    started = time.time()
+    if not (store / MANIFEST_FILE).exists():
+        precompute.run(
+            precompute.PrecomputeConfig(
+                student=config.student,
+                teacher=config.teacher,
+                prompts=config.prompts,
+                out=str(store),
+                max_new_tokens=config.max_new_tokens,
+                topk=config.topk,
+                seed=config.seed,
+                backend="transformers",
+                temperature=1.0 if config.micro else 0.7,
+                overwrite=True,
+            ),
+            log=log,
+        )
+    seconds = stage_one_seconds_from_files(store) or (time.time() - started)
+    return store, seconds
+
+
+def run_method(
+    name: str, kind: str, overrides: dict, config: CompareConfig, store: Path, horizon: int, out: Path
+):
+    """(the job's config, a function that trains it and returns the final model directory)."""
+    common = dict(
+        student=config.student,
+        out=str(out / name),
+        steps=config.steps,
+        lr=config.lr,
+        sample_reduction=config.sample_reduction,
+        seed=config.seed,
+        log_every=config.steps,
+        overwrite=True,
+    )
+    if kind == "offline":
+        job = train.TrainConfig(
+            stores=str(store),
+            batch_size=config.batch_size,
+            micro_batch_size=config.batch_size,
+            **common,
+            **overrides,
+        )
+        return job, lambda log: train.run(job, log=log)
+    job = train_online.OnlineConfig(
+        teacher=config.teacher,
+        prompts=config.prompts,
+        prompts_per_step=max(1, config.batch_size // config.online_n),
+        n=config.online_n,
+        max_new_tokens=horizon,
+        micro_batch_size=config.batch_size,
+        **common,
+        **overrides,
+    )
+    return job, lambda log: train_online.run(job, log=log)
+
+
+def evaluate(model_dir: str, records, horizon: int) -> dict:
+    model, tokenizer = load_causal_lm(model_dir, dtype="float32")
+    return evaluate_greedy(model, tokenizer, records, verifier="addition", max_new_tokens=horizon)
+
+
+def run(config: CompareConfig, log=print) -> list[dict]:
+    out = prepare_output_dir(config.out, config, overwrite=True)
+    if config.store:
+        store = Path(config.store)
+        stage_one = (
+            config.stage_one_seconds if config.stage_one_seconds >= 0 else stage_one_seconds_from_files(store)
+        )
+        if stage_one is None:
+            warnings.warn(
+                f"stage-one time of {store} is unknown (not written by `lopd precompute`, or copied); "
+                "pass --stage-one-seconds; offline totals count training only",
+                stacklevel=1,
+            )
+    else:
+        store, stage_one = build_store(config, out, log)
+    manifest = open_store(store).manifest
+    horizon, has_topk = int(manifest.horizon), manifest.topk_k is not None
+    records = load_prompts(config.eval_prompts, limit=config.eval_limit or None)
+    grid = method_grid(horizon, config.steps, config.prompts, config.esr_tokens)
+    log(
+        f"compare: {len(config.method_names())} methods on {store} (T={horizon}), stage one {_fmt(stage_one)}"
+    )
+    results = []
+    for name in config.method_names():
+        kind, overrides = grid[name]
+        results.append(
+            run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, records, out, log)
+        )
+        write_csv(out / "results.csv", results)
+    plot(results, out / "results.png")
+    log(format_table(results))
+    return results
+
+
+def run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, records, out, log) -> dict:
+    row = {"method": name, "kind": kind, "status": "ok", "train_s": 0.0, "model": ""}
+    row["stage_one_s"] = stage_one if kind == "offline" else 0.0
+    if kind == "baseline":
+        row["model"] = config.student
+        row.update(evaluate(config.student, records, horizon))
+        row["total_s"] = 0.0
+        return row
+    if name == "esr" and not has_topk:
+        return {**row, "status": "skipped: the store has no teacher top-k (score it with --topk)"}
+    job, launch = run_method(name, kind, overrides, config, store, horizon, out)
+    saved = out / name / "compare_result.json"
+    previous = json.loads(saved.read_text()) if saved.exists() and not config.overwrite else None
+    if previous is not None and previous.get("job") == to_dict(job):
+        log(f"compare: {name}: reusing the finished run in {out / name}")
+        return previous["row"]
+    started = time.time()
+    try:
+        final = launch(lambda *_: None)
+    except LopdError as e:  # one method's bad configuration must not cost the others
+        log(f"compare: {name}: failed: {e}")
+        return {**row, "status": f"failed: {e}"}
+    row["train_s"] = time.time() - started
+    row["median_step_s"] = median_step_seconds(out / name / "metrics.jsonl")
+    row["model"] = str(final)
+    row.update(evaluate(str(final), records, horizon))
+    row["total_s"] = row["train_s"] + (row["stage_one_s"] or 0.0)
+    write_json_atomic(saved, {"job": to_dict(job), "row": row})
+    log(f"compare: {name}: accuracy {100 * row['accuracy']:.1f}% in {row['total_s']:.0f} s")
+    return row
+
+
+def median_step_seconds(metrics: Path) -> float:
+    """Median optimizer-step time: robust to other jobs on a shared machine, unlike the wall-clock."""
+    times = [json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines() if line]
+    return statistics.median(times)
+
+
+def write_csv(path: Path, results: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Accuracy vs wall-clock, one marker per method (circles offline, squares online), legend outside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(r for r in results if r["status"] == "ok"):
+        if r["kind"] == "baseline":
+            ax.axhline(100 * r["accuracy"], color="gray", linestyle="--", label=f"{r['method']} (start)")
+            continue
+        marker = "o" if r["kind"] == "offline" else "s"
+        ax.scatter(
+            r["total_s"], 100 * r["accuracy"], color=colors[i % len(colors)], marker=marker, label=r["method"]
+        )
+    ax.set_xlabel("wall-clock (s): offline = stage one + training; online = training")
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_title("OPD method family from one SFT student")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(seconds) -> str:
+    return "unknown" if seconds is None else f"{seconds:.0f} s"
+
+
+def format_table(results: list[dict]) -> str:
+    header = [
+        "method",
+        "kind",
+        "accuracy",
+        "trunc",
+        "rep",
+        "train s",
+        "step s",
+        "stage1 s",
+        "total s",
+        "status",
+    ]
+    rows = []
+    for r in results:
+        ok = r["status"] == "ok"
+        rows.append(
+            [
+                r["method"],
+                r["kind"],
+                f"{100 * r['accuracy']:.1f}%" if ok else "-",
+                f"{100 * r['trunc_rate']:.0f}%" if ok else "-",
+                f"{100 * r['rep_rate']:.0f}%" if ok else "-",
+                f"{r['train_s']:.1f}",
+                f"{r['median_step_s']:.3f}" if r.get("median_step_s") is not None else "-",
+                _fmt(r.get("stage_one_s")).replace(" s", ""),
+                f"{r['total_s']:.1f}" if ok else "-",
+                r["status"],
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+__all__ = ["CompareConfig", "method_grid", "run", "stage_one_seconds_from_files"]

@@ -1,0 +1,526 @@
+"""Standard (online) on-policy distillation, METHODS.md §1: the baseline Lightning OPD replaces.
+
+    lopd train-online --student runs/sft --teacher runs/teacher --prompts prompts/opd.jsonl --out runs/online \\
+        --steps 100 --prompts-per-step 16 --n 4 --max-new-tokens 64 --lr 1e-5
+    lopd train-online ... --objective opd_plus --divergence forward_kl           # OPD+ online
+    lopd train-online ... --ref-kl-coef 0.01 --gold-nll-coef 0.1                 # StableOPD online
+    lopd train-online ... --max-new-tokens 100 --objective topk --topk 20        # ESR online
+    lopd train-online ... --write-store runs/online-store   # keep every step's rollouts as a store
+
+Every step the current student samples ``--n`` responses for ``--prompts-per-step`` prompts (the
+transformers sampler on the in-memory weights: vLLM loads weights from disk and cannot follow a
+model that changes every step), the teacher — loaded in this process, and checked to be the
+student's SFT teacher before anything is loaded — scores the sampled tokens, and the objective code
+of offline training updates the student once, with the importance ratio to the sampler's log-probs.
+
+Writes into ``--out``: ``config.json``, ``metrics.jsonl`` (per step: the objective's metrics, the
+rollouts' TruncRate/RepRate/length/reward, time in sampling / teacher scoring / update), checkpoints
+(``--save-every``; a rerun of the command resumes exactly) and ``final/`` with provenance
+(stage ``online_opd``). One process: the teacher, the sampler and the trainer share the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from lightning_opd.config import check, prepare_output_dir, to_dict
+from lightning_opd.consistency import teacher_consistency
+from lightning_opd.errors import ConfigError, InputError, TrainingError
+from lightning_opd.evaluation import VERIFIERS
+from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at
+from lightning_opd.logprobs import score_sequences
+from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
+from lightning_opd.objectives import make_objective
+from lightning_opd.online import (
+    GoldSolutions,
+    UpdateInputs,
+    accumulate_gradients,
+    evaluate_greedy,
+    grade,
+    prompt_batch,
+    rollout_diagnostics,
+    rollout_rows,
+    sample_rollouts,
+)
+from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.provenance import Provenance, read_provenance, write_provenance
+from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig
+from lightning_opd.store import StoreWriter
+from lightning_opd.trainer import MetricsLog, format_status, timer
+from pipelines.train import find_checkpoint, save_checkpoint
+
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
+)
+
+
+@dataclass
+class OnlineConfig:
+    student: str = field(metadata={"help": "SFT'd student: it samples every step and is trained"})
+    teacher: str = field(metadata={"help": "live teacher (must be the student's SFT teacher)"})
+    prompts: str = field(metadata={"help": "OPD prompt set (answers graded into train_reward)"})
+    out: str = field(metadata={"help": "output directory"})
+    objective: str = field(default="lightning", metadata={"help": "lightning | opd_plus | topk"})
+    divergence: str = field(
+        default="reverse_kl", metadata={"help": "opd_plus: reverse_kl|forward_kl|jsd|hellinger|tv|alpha"}
+    )
+    alpha: float = 0.5
+    stop_gradient: bool = field(default=False, metadata={"help": "opd_plus: use -f(u) instead of w_f(u)"})
+    log_u_clamp: float = field(default=6.0, metadata={"help": "opd_plus: clamp of log(pi_T/pi_theta)"})
+    topk: int = field(default=0, metadata={"help": "teacher top-k scored live (objective topk needs it)"})
+    topk_kind: str = field(default="reverse_kl", metadata={"help": "topk: reverse_kl | forward_kl | gjsd"})
+    topk_beta: float = 0.5
+    topk_tail: str = "renormalize"
+    clip_eps: float = field(
+        default=0.0, metadata={"help": "PPO clip epsilon (0 = off; one update per batch)"}
+    )
+    sample_reduction: str = "sum"
+    ref_kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "StableOPD: KL to the initial student (a frozen copy scores the samples)"},
+    )
+    gold_nll_coef: float = field(default=0.0, metadata={"help": "StableOPD: weight of the gold-solution NLL"})
+    gold_prompts: str = field(
+        default="", metadata={"help": "prompt set with solutions by prompt_id (default: --prompts)"}
+    )
+    prompts_per_step: int = 16
+    n: int = field(default=4, metadata={"help": "samples per prompt (4 in the reference implementation)"})
+    temperature: float = field(default=1.0, metadata={"help": "1.0: sample from pi_theta itself"})
+    top_p: float = 1.0
+    max_new_tokens: int = field(default=64, metadata={"help": "generation horizon T"})
+    horizon: str = field(
+        default="full", metadata={"help": "full | fixed | fraction | staircase | linear (of T)"}
+    )
+    horizon_tokens: int = 0
+    horizon_fraction: float = 0.0
+    horizon_h0: int = 0
+    horizon_dh: int = 0
+    horizon_dk: int = 0
+    horizon_ramp_steps: int = 0
+    steps: int = 100
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass"})
+    sample_batch_size: int = 256
+    lr: float = 2e-6
+    beta1: float = 0.9
+    beta2: float = 0.98
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"
+    chunk_size: int = 1024
+    max_tokens_per_batch: int = field(default=16384, metadata={"help": "teacher scoring batch budget"})
+    teacher_dtype: str = "auto"
+    seed: int = 0
+    prompt_field: str = "prompt"
+    chat_template: str = "auto"
+    verifier: str = "addition"
+    eval_prompts: str = ""
+    eval_every: int = 0
+    eval_limit: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: str = field(default="auto", metadata={"help": "auto | never | a checkpoint dir"})
+    write_store: str = field(
+        default="", metadata={"help": "also write every step's rollouts as a part of a store here"}
+    )
+    allow_inconsistent_teacher: bool = False
+    sft_teacher: str = field(
+        default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"}
+    )
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        check(self.prompts_per_step > 0, f"prompts_per_step must be positive, got {self.prompts_per_step}")
+        check(self.micro_batch_size > 0, f"micro_batch_size must be positive, got {self.micro_batch_size}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
+        check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
+        check(
+            self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
+        )
+        check(
+            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
+        )
+        check(
+            not (self.objective == "topk" and self.topk == 0),
+            "objective topk needs the teacher's top-k: pass --topk K (e.g. 20)",
+        )
+        self.sampling(0)
+        check_horizon(self.horizon_config(), self.max_new_tokens)
+        self.build_objective()
+
+    def horizon_config(self) -> HorizonConfig:
+        return HorizonConfig(
+            kind=self.horizon,
+            tokens=self.horizon_tokens or None,
+            fraction=self.horizon_fraction or None,
+            h0=self.horizon_h0 or None,
+            dh=self.horizon_dh or None,
+            dk=self.horizon_dk or None,
+            ramp_steps=self.horizon_ramp_steps or None,
+        )
+
+    def sampling(self, step: int) -> SamplingConfig:
+        """Step ``step``'s sampler settings: its own seed, the horizon in force as max_new_tokens."""
+        horizon = horizon_at(self.horizon_config(), step, self.max_new_tokens)
+        return SamplingConfig(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=horizon,
+            seed=self.seed + step,
+            batch_size=self.sample_batch_size,
+            backend="transformers",
+        )
+
+    def build_objective(self):
+        """The objective of offline training; StableOPD's ref-KL is added outside (on-policy estimator)."""
+        if self.objective == "lightning":
+            kwargs = {"clip_eps": self.clip_eps or None}
+        elif self.objective == "opd_plus":
+            kwargs = {
+                "divergence": self.divergence,
+                "alpha": self.alpha,
+                "stop_gradient": self.stop_gradient,
+                "log_u_clamp": self.log_u_clamp,
+                "clip_eps": self.clip_eps or None,
+            }
+        elif self.objective == "topk":
+            kwargs = {"kind": self.topk_kind, "beta": self.topk_beta, "tail": self.topk_tail}
+        else:
+            raise ConfigError(f"objective must be lightning | opd_plus | topk, got {self.objective!r}")
+        return make_objective(
+            self.objective, sample_reduction=self.sample_reduction, gold_nll_coef=self.gold_nll_coef, **kwargs
+        )
+
+    def run_id(self) -> str:
+        identity = {k: v for k, v in to_dict(self).items() if k not in RESUMABLE_FIELDS}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _ScheduleState:
+    """Stands in for the offline reader in checkpoints: the prompt schedule is a function of the step."""
+
+    def state_dict(self) -> dict:
+        return {"prompt_schedule": "prompt_batch(seed, step)"}
+
+
+def check_teacher(config: OnlineConfig, log) -> tuple[dict, object]:
+    """The stage-one gate (METHODS §2), before any model is loaded: same tokenizer, the SFT teacher."""
+    teacher_id = model_identity(config.teacher)
+    check_same_tokenizer(model_identity(config.student), teacher_id, "online OPD")
+    consistency = teacher_consistency(
+        student_path=config.student,
+        teacher=teacher_id,
+        allow_inconsistent=config.allow_inconsistent_teacher,
+        declared_sft_teacher=config.sft_teacher or None,
+        log=log,
+    )
+    return consistency, teacher_id
+
+
+def encode_prompts(config: OnlineConfig, records, tokenizer, max_context: int):
+    """Token ids of the prompts that leave room for the horizon; the rest are skipped with a warning."""
+    encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
+    keep = [
+        i for i, ids in enumerate(encoded) if len(ids) > 0 and len(ids) + config.max_new_tokens <= max_context
+    ]
+    if len(keep) < len(records):
+        warnings.warn(
+            f"online OPD: skipped {len(records) - len(keep)} of {len(records)} prompts that do not leave "
+            f"{config.max_new_tokens} tokens of the {max_context}-token context",
+            stacklevel=2,
+        )
+    if len(keep) < config.prompts_per_step:
+        raise InputError(
+            f"{config.prompts} has {len(keep)} usable prompts, fewer than --prompts-per-step {config.prompts_per_step}"
+        )
+    return [records[i] for i in keep], [encoded[i] for i in keep]
+
+
+def open_online_store(config: OnlineConfig, records, student_id, teacher_id, consistency) -> StoreWriter:
+    """A scored store with one part per step. ``student`` is the *initial* student; part k holds the
+    rollouts of the student after k updates, with that student's log-probs as behaviour log-probs."""
+    header = {
+        "kind": "scored",
+        "student": {**asdict(student_id), "sft_teacher_fingerprint": consistency["sft_teacher_fingerprint"]},
+        "teacher": asdict(teacher_id),
+        "teacher_consistency": consistency,
+        "sampling": {
+            "backend": "transformers",
+            "backend_version": transformers.__version__,
+            "n": config.n,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+            "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+        },
+        "horizon": config.max_new_tokens,
+        "prompt_set": {
+            "source": str(Path(config.prompts).resolve()),
+            "content_hash": prompt_set_hash(records),
+            "num_prompts": len(records),
+            "skipped_prompts": 0,
+            "part_size": config.prompts_per_step,
+        },
+        "topk": {"k": config.topk, "tail_treatment": config.topk_tail} if config.topk else None,
+        "extra": {
+            "online": {
+                "run_id": config.run_id(),
+                "policy": "part k was sampled by the student after k online updates (behaviour log-probs are its)",
+                "horizon_schedule": asdict(config.horizon_config()),
+            }
+        },
+    }
+    return StoreWriter(
+        config.write_store,
+        header,
+        num_parts=config.steps,
+        topk=config.topk or None,
+        with_text=True,
+        with_reward=True,
+    )
+
+
+def run(config: OnlineConfig, log=print) -> Path:
+    consistency, teacher_id = check_teacher(config, log)  # refuse before writing or loading anything
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            "online OPD runs in one process (sampler, teacher and trainer share it); drop accelerate launch"
+        )
+    out = prepare_output_dir(config.out, config, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS)
+    set_seed(config.seed)
+    device = str(accelerator.device)  # the trainer's device; teacher and sampler share it
+    model, tokenizer = load_causal_lm(config.student, dtype="float32", device=device)
+    teacher, _ = load_causal_lm(config.teacher, dtype=config.teacher_dtype, device=device)
+    teacher.requires_grad_(False)
+    # π_ref of StableOPD is the initial student; online it no longer samples, so a frozen copy scores.
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if config.ref_kl_coef > 0 else None
+    max_context = int(model.config.max_position_embeddings)
+    records, encoded = encode_prompts(
+        config, load_prompts(config.prompts, prompt_field=config.prompt_field), tokenizer, max_context
+    )
+    gold = None
+    if config.gold_nll_coef > 0:
+        gold = GoldSolutions.load(config.gold_prompts or config.prompts, tokenizer)
+    objective = config.build_objective()
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step, run_id = 0, config.run_id()
+    checkpoint = find_checkpoint(config)
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if state["run_id"] != run_id:
+            raise TrainingError(
+                f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
+                "resume with the config that wrote it, or pass --resume never / a new --out"
+            )
+        accelerator.load_state(str(checkpoint))
+        start_step = int(state["step"])
+        log(f"online OPD: resumed from {checkpoint} at step {start_step}")
+    writer = None
+    if config.write_store:
+        student_id = model_identity(config.student)
+        writer = open_online_store(config, records, student_id, teacher_id, consistency)
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
+    eval_records = (
+        load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
+    )
+    inputs = UpdateInputs(
+        objective=objective,
+        horizon=config.max_new_tokens,
+        pad_id=tokenizer.pad_token_id,
+        topk=config.topk if objective.needs_topk else None,
+        micro_batch_size=config.micro_batch_size,
+        chunk_size=config.chunk_size,
+        sample_reduction=config.sample_reduction,
+        ratio_to_sampler=True,
+        ref_kl_coef=config.ref_kl_coef,
+        gold=gold,
+    )
+    log(
+        f"online OPD: {len(records)} prompts, {config.prompts_per_step}x{config.n} rollouts per step, "
+        f"T={config.max_new_tokens}, objective {config.objective}, teacher {teacher_id.short()} in process"
+    )
+    session = Session(
+        config, accelerator, model, teacher, reference, tokenizer, records, encoded, inputs, writer
+    )
+    started = timer()
+    for step in range(start_step, config.steps):
+        row = online_step(session, step)
+        optimizer_step(accelerator, model, optimizer, scheduler, config, step, row)
+        row["elapsed_s"] = timer() - started
+        if (
+            eval_records
+            and config.eval_every
+            and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps)
+        ):
+            result = evaluate_greedy(
+                accelerator.unwrap_model(model),
+                tokenizer,
+                eval_records,
+                verifier=config.verifier,
+                max_new_tokens=config.max_new_tokens,
+                chat_template=config.chat_template,
+            )
+            row.update({f"eval_{k}": v for k, v in result.items()})
+        metrics.write(row)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            log(status_line(row))
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            save_checkpoint(accelerator, out, step + 1, _ScheduleState(), run_id, config.keep_checkpoints)
+    metrics.close()
+    if writer is not None and not writer.is_finalized():
+        manifest = writer.finalize()
+        log(f"online OPD: {manifest.stats.num_rollouts} rollouts kept as a store in {writer.root}")
+    return save_final(
+        accelerator, model, tokenizer, config, out, teacher_id, consistency, records, writer, log
+    )
+
+
+@dataclass
+class Session:
+    """What every online step uses: the models, the encoded prompts, the update settings."""
+
+    config: OnlineConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    teacher: torch.nn.Module
+    reference: torch.nn.Module | None  # frozen initial student (StableOPD's pi_ref), when ref_kl_coef > 0
+    tokenizer: object
+    records: list
+    encoded: list[list[int]]
+    inputs: UpdateInputs
+    writer: StoreWriter | None
+
+    @cached_property
+    def answers(self) -> dict:
+        return {r.prompt_id: r.answer for r in self.records}
+
+
+def online_step(session: Session, step: int) -> dict:
+    """Sample with the current student, score with the live teacher (and pi_ref), accumulate gradients."""
+    config, model, writer = session.config, session.model, session.writer
+    t0 = timer()
+    sampling = config.sampling(step)
+    chosen = prompt_batch(len(session.records), config.prompts_per_step, step, config.seed)
+    keys = [session.records[i].prompt_id for i in chosen]
+    prompt_ids = [session.encoded[i] for i in chosen]
+    rollouts = sample_rollouts(
+        session.accelerator.unwrap_model(model), session.tokenizer, prompt_ids, keys, sampling
+    )
+    t1 = timer()
+    prompts, responses = [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]
+    score = dict(
+        topk=config.topk, max_tokens_per_batch=config.max_tokens_per_batch, chunk_size=config.chunk_size
+    )
+    teacher_scores = score_sequences(session.teacher, prompts, responses, **score)
+    t2 = timer()
+    ref_scores = None
+    if session.reference is not None:
+        ref_scores = score_sequences(session.reference, prompts, responses, **{**score, "topk": 0})
+    t3 = timer()
+    rewards = grade(rollouts, session.answers, config.verifier)
+    rows = rollout_rows(rollouts, teacher_scores, topk=config.topk, ref_scores=ref_scores, rewards=rewards)
+    if writer is not None and step not in writer.committed_parts([step], checksum=False):
+        writer.write_part(step, [{k: v for k, v in r.items() if k != "ref_logprobs"} for r in rows])
+    t4 = timer()
+    stats = accumulate_gradients(model, rows, session.inputs, step=step + 1, accelerator=session.accelerator)
+    t5 = timer()
+    return {
+        **{k: v for k, v in stats.items() if k not in ("loss", "tokens", "response_tokens")},
+        **rollout_diagnostics(rollouts, rewards),
+        "step": step + 1,
+        "horizon": sampling.max_new_tokens,
+        "loss": stats["loss"],
+        "tokens": stats["tokens"],
+        "response_tokens": stats["response_tokens"],
+        "rollouts": len(rollouts),
+        "sample_s": t1 - t0,
+        "score_s": t2 - t1,
+        "ref_score_s": t3 - t2,
+        "store_s": t4 - t3,
+        "update_s": t5 - t4,  # the optimizer step is added in optimizer_step
+    }
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, config, step: int, row: dict) -> None:
+    t0 = timer()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        raise TrainingError(
+            f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
+        )
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    row["update_s"] += timer() - t0
+    row["step_time_s"] = (
+        row["sample_s"] + row["score_s"] + row["ref_score_s"] + row["store_s"] + row["update_s"]
+    )
+    row["grad_norm"] = float(grad_norm)
+    row["lr"] = scheduler.get_last_lr()[0]
+    row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
+
+
+def status_line(row: dict) -> str:
+    parts = [
+        format_status({k: v for k, v in row.items() if not k.startswith("eval_")}),
+        f"sample {row['sample_s']:.2f}s score {row['score_s'] + row['ref_score_s']:.2f}s update {row['update_s']:.2f}s",
+        f"trunc {100 * row['trunc_rate']:.0f}% rep {100 * row['rep_rate']:.0f}%",
+    ]
+    if "train_reward" in row:
+        parts.append(f"reward {100 * row['train_reward']:.0f}%")
+    if "eval_accuracy" in row:
+        parts.append(f"eval {100 * row['eval_accuracy']:.1f}% (trunc {100 * row['eval_trunc_rate']:.0f}%)")
+    return " | ".join(parts)
+
+
+def save_final(
+    accelerator, model, tokenizer, config, out: Path, teacher_id, consistency, records, writer, log
+) -> Path:
+    final = out / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+    tokenizer.save_pretrained(final)
+    parent = read_provenance(config.student)
+    inputs = {
+        "teacher": asdict(teacher_id),
+        "teacher_consistency": consistency,
+        "prompt_set": {"path": config.prompts, "content_hash": prompt_set_hash(records)},
+    }
+    if writer is not None:
+        inputs["store"] = {"path": str(writer.root), "store_id": writer.store_id}
+    write_provenance(
+        final,
+        Provenance(
+            stage="online_opd",
+            model_fingerprint=model_fingerprint(final),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            sft_teacher=parent.sft_teacher if parent else None,
+            config=asdict(config),
+            parent=parent.__dict__ if parent else None,
+            inputs=inputs,
+        ),
+    )
+    log(f"online OPD: trained student saved to {final}")
+    return final
