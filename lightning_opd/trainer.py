@@ -11,7 +11,6 @@ come from there.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,17 +166,17 @@ class MetricsLog:
 
 
 def format_status(row: dict) -> str:
-    parts = [
-        f"step {row['step']}",
-        f"H {row['horizon']}",
-        f"loss {row['loss']:+.4f}",
-        f"adv {row.get('adv_mean', math.nan):+.3f}",
-    ]
-    parts += [
-        f"kl {row.get('kl_student_teacher', math.nan):.4f}",
-        f"gnorm {row['grad_norm']:.2f}",
-        f"{row['tokens_per_s']:.0f} tok/s",
-    ]
+    """One dense line per step; objective metrics are shown when the objective reports them."""
+    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}"]
+    for key, label, fmt in (
+        ("adv_mean", "adv", "+.3f"),
+        ("kl_student_teacher", "kl", ".4f"),
+        ("topk_divergence", "topk-div", ".4f"),
+        ("ref_kl", "ref-kl", ".4f"),
+    ):
+        if key in row:
+            parts.append(f"{label} {row[key]:{fmt}}")
+    parts += [f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
     if "eval_accuracy" in row:
         parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
     return " | ".join(parts)

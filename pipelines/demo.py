@@ -108,6 +108,8 @@ def run(config: DemoConfig, log=print) -> dict:
                 prompts=str(prompts["sft"]),
                 out=str(sft_out),
                 steps=config.sft_steps,
+                warmup_steps=min(20, config.sft_steps // 10),
+                keep_truncated=config.micro,  # an untrained micro teacher never stops
                 temperature=0.0,
                 max_new_tokens=config.horizon,
                 seed=config.seed,
@@ -162,6 +164,10 @@ def run(config: DemoConfig, log=print) -> dict:
                     sample_reduction="mean",
                     seed=config.seed,
                     log_every=10,
+                    # Accuracy along the way (first 200 held-out problems) for the training-curve plots.
+                    eval_prompts=str(prompts["eval"]),
+                    eval_every=max(1, config.opd_steps // 4),
+                    eval_limit=min(200, config.eval_prompts),
                     overwrite=True,
                 ),
                 log=log,
@@ -183,7 +189,7 @@ def run(config: DemoConfig, log=print) -> dict:
     timings["evaluation"] = time.time() - t
 
     table = format_table(results)
-    lines = [table, "", "time per stage:"] + [f"  {k:<28} {v:7.1f} s" for k, v in timings.items()]
+    lines = [table, "", "time per stage:"] + [f"  {k:<36} {v:7.1f} s" for k, v in timings.items()]
     log("\n".join(["", "=" * 60, "lightning-opd demo: greedy accuracy on held-out problems"] + lines))
     summary = {"results": [r.as_dict() for r in results], "timings_s": timings, "store": str(store_dir)}
     write_json_atomic(work / "results.json", summary)

@@ -39,6 +39,9 @@ class SFTJobConfig:
         default=False, metadata={"help": "drop teacher answers the verifier rejects"}
     )
     verifier: str = "addition"
+    keep_truncated: bool = field(
+        default=False, metadata={"help": "also train on answers cut at --max-new-tokens (off: they teach rambling)"}
+    )
     steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
@@ -131,7 +134,11 @@ def run(config: SFTJobConfig, log=print) -> Path:
     if config.keep_correct_only:
         rows = [r for r in rows if r["correct"]]
     # Truncated answers teach the student to ramble; keep only the ones that ended on EOS.
-    examples = [SFTExample(r["prompt_ids"], r["response_ids"]) for r in rows if r["finish_reason"] == "stop"]
+    examples = [
+        SFTExample(r["prompt_ids"], r["response_ids"])
+        for r in rows
+        if r["finish_reason"] == "stop" or config.keep_truncated
+    ]
     if not examples:
         raise InputError(
             "stage 0: no usable teacher answers (all truncated or rejected); raise --max-new-tokens"

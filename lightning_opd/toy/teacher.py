@@ -70,7 +70,13 @@ def ensure_toy_teacher(
     model = build_model(recipe.spec, tokenizer, seed=recipe.seed)
     examples = gold_examples(tokenizer, "teacher", recipe.num_problems, recipe.digits, recipe.seed)
     start = time.time()
-    config = SFTTrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed)
+    config = SFTTrainConfig(
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        warmup_steps=min(20, recipe.steps // 10),
+    )
     train_sft(model, examples, config, pad_id=tokenizer.pad_token_id, log=log)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
