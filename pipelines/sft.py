@@ -40,7 +40,8 @@ class SFTJobConfig:
     )
     verifier: str = "addition"
     keep_truncated: bool = field(
-        default=False, metadata={"help": "also train on answers cut at --max-new-tokens (off: they teach rambling)"}
+        default=False,
+        metadata={"help": "also train on answers cut at --max-new-tokens (off: they teach rambling)"},
     )
     steps: int = 400
     batch_size: int = 64
