@@ -112,6 +112,10 @@ class ScoreConfig:
     allow_duplicate: bool = field(
         default=False, metadata={"help": "write even if a store with the same content id exists elsewhere"}
     )
+    scoring_backend: str = field(
+        default="transformers",
+        metadata={"help": "teacher scoring: transformers (chunked) | vllm (prompt_logprobs)"},
+    )
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
     shard_index: int = 0
@@ -122,6 +126,10 @@ class ScoreConfig:
 
     def __post_init__(self):
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
+        check(
+            self.scoring_backend in SCORING_BACKENDS,
+            f"scoring_backend must be one of {SCORING_BACKENDS}, got {self.scoring_backend!r}",
+        )
         check(
             self.topk_tail in TOPK_TAIL_TREATMENTS,
             f"topk_tail must be one of {TOPK_TAIL_TREATMENTS}, got {self.topk_tail!r}",
@@ -142,6 +150,7 @@ class PrecomputeConfig(RolloutConfig):
     allow_inconsistent_teacher: bool = False
     sft_teacher: str = ""
     allow_duplicate: bool = False
+    scoring_backend: str = "transformers"
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
 
@@ -160,6 +169,7 @@ class PrecomputeConfig(RolloutConfig):
             allow_inconsistent_teacher=self.allow_inconsistent_teacher,
             sft_teacher=self.sft_teacher,
             allow_duplicate=self.allow_duplicate,
+            scoring_backend=self.scoring_backend,
             max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size,
             shard_index=self.shard_index,
@@ -168,6 +178,58 @@ class PrecomputeConfig(RolloutConfig):
             device=self.device,
             overwrite=self.overwrite,
         )
+
+
+SCORING_BACKENDS = ("transformers", "vllm")
+
+
+def sampling_section(backend: str, backend_version: str, config) -> dict:
+    """The manifest's ``sampling`` section, from any config with n/temperature/top_p/max_new_tokens/seed."""
+    return {
+        "backend": backend,
+        "backend_version": backend_version,
+        "n": config.n,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+    }
+
+
+def prompt_set_section(source: str, records, *, skipped: int, part_size: int) -> dict:
+    """The manifest's ``prompt_set`` section: where the prompts came from and their content hash."""
+    return {
+        "source": str(Path(source).resolve()),
+        "content_hash": prompt_set_hash(records),
+        "num_prompts": len(records),
+        "skipped_prompts": skipped,
+        "part_size": part_size,
+    }
+
+
+def make_scorer(config: ScoreConfig):
+    """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend."""
+    if config.scoring_backend == "vllm":
+        from lightning_opd.vllm_backend import VLLMScorer
+
+        scorer = VLLMScorer(config.teacher, dtype=config.dtype)
+        return (
+            lambda prompts, responses: scorer.score_sequences(prompts, responses, topk=config.topk)
+        ), scorer.close
+    teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
+
+    def score(prompts, responses):
+        return score_sequences(
+            teacher,
+            prompts,
+            responses,
+            topk=config.topk,
+            max_tokens_per_batch=config.max_tokens_per_batch,
+            chunk_size=config.chunk_size,
+        )
+
+    return score, (lambda: None)
 
 
 # Workers of one sharded run share the output directory and differ only in these.
@@ -230,24 +292,11 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     header = {
         "kind": "rollouts",
         "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
-        "sampling": {
-            "backend": sampler.name,
-            "backend_version": sampler.version,
-            "n": config.n,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed,
-            "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
-        },
+        "sampling": sampling_section(sampler.name, sampler.version, config),
         "horizon": config.max_new_tokens,
-        "prompt_set": {
-            "source": str(Path(config.prompts).resolve()),
-            "content_hash": prompt_set_hash(records),
-            "num_prompts": len(records),
-            "skipped_prompts": skipped,
-            "part_size": config.part_size,
-        },
+        "prompt_set": prompt_set_section(
+            config.prompts, records, skipped=skipped, part_size=config.part_size
+        ),
         "teacher": None,
         "teacher_consistency": None,
         "topk": None,
@@ -322,11 +371,11 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
         "teacher": asdict(teacher_id),
         "teacher_consistency": consistency,
         "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
+        "extra": {**(rollout_header.get("extra") or {}), "scoring_backend": config.scoring_backend},
     }
     if not config.allow_duplicate:
         # Content addressing: the same teacher, student, prompts and sampling make the same store. Reuse it.
         check_not_duplicate(compute_store_id(header), config.out)
-    teacher, _ = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
     saved = read_saved_header(rollouts_root)
     columns = set(saved["columns"])
     writer = StoreWriter(
@@ -340,23 +389,20 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     mine = my_parts(writer.num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)
     todo = [p for p in mine if p not in done]
-    log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()}")
-    for part in tqdm(todo, desc="scoring parts", unit="part"):
-        rows = read_part(rollouts_root, part).to_pylist()
-        scored = score_sequences(
-            teacher,
-            [r["prompt_ids"] for r in rows],
-            [r["response_ids"] for r in rows],
-            topk=config.topk,
-            max_tokens_per_batch=config.max_tokens_per_batch,
-            chunk_size=config.chunk_size,
-        )
-        for row, s in zip(rows, scored):
-            row["teacher_logprobs"] = s.logprobs.tolist()
-            if config.topk:
-                row["teacher_topk_ids"] = s.topk_ids.tolist()
-                row["teacher_topk_logprobs"] = s.topk_logprobs.tolist()
-        writer.write_part(part, rows)
+    log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()} ({config.scoring_backend})")
+    score, close = make_scorer(config) if todo else (None, lambda: None)
+    try:
+        for part in tqdm(todo, desc="scoring parts", unit="part"):
+            rows = read_part(rollouts_root, part).to_pylist()
+            scored = score([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+            for row, s in zip(rows, scored):
+                row["teacher_logprobs"] = s.logprobs.tolist()
+                if config.topk:
+                    row["teacher_topk_ids"] = s.topk_ids.tolist()
+                    row["teacher_topk_logprobs"] = s.topk_logprobs.tolist()
+            writer.write_part(part, rows)
+    finally:
+        close()  # a vLLM engine holds the device until closed
     finalize_if_complete(writer, config.num_shards, log)
     return Path(config.out)
 

@@ -252,6 +252,18 @@ def find_checkpoint(config: TrainConfig) -> Path | None:
     return complete[-1] if complete else None
 
 
+def restore_checkpoint(accelerator, checkpoint: Path, run_id: str) -> dict:
+    """Load model, optimizer, scheduler and RNG from ``checkpoint``; refuse one written by another run."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["run_id"] != run_id:
+        raise TrainingError(
+            f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
+            "resume with the config that wrote it, or pass --resume never / a new --out"
+        )
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
 def save_checkpoint(accelerator, out: Path, step: int, stream, run_id: str, keep: int) -> None:
     accelerator.wait_for_everyone()
     path = out / "checkpoints" / f"step-{step}"
@@ -293,13 +305,7 @@ def run(config: TrainConfig, log=print) -> Path:
     start_step, run_id = 0, config.run_id()
     checkpoint = find_checkpoint(config)
     if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state["run_id"] != run_id:
-            raise TrainingError(
-                f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
-                "resume with the config that wrote it, or pass --resume never / a new --out"
-            )
-        accelerator.load_state(str(checkpoint))
+        state = restore_checkpoint(accelerator, checkpoint, run_id)
         stream.load_state_dict(state["stream"])
         start_step = int(state["step"])
         log(f"stage 2: resumed from {checkpoint} at step {start_step}")

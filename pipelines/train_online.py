@@ -56,10 +56,11 @@ from lightning_opd.online import (
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
-from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig
+from lightning_opd.rollout import SamplingConfig
 from lightning_opd.store import StoreWriter
 from lightning_opd.trainer import MetricsLog, format_status, timer
-from pipelines.train import find_checkpoint, save_checkpoint
+from pipelines.precompute import prompt_set_section, sampling_section
+from pipelines.train import find_checkpoint, restore_checkpoint, save_checkpoint
 
 RESUMABLE_FIELDS = frozenset(
     {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
@@ -259,24 +260,11 @@ def open_online_store(config: OnlineConfig, records, student_id, teacher_id, con
         "student": {**asdict(student_id), "sft_teacher_fingerprint": consistency["sft_teacher_fingerprint"]},
         "teacher": asdict(teacher_id),
         "teacher_consistency": consistency,
-        "sampling": {
-            "backend": "transformers",
-            "backend_version": transformers.__version__,
-            "n": config.n,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed,
-            "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
-        },
+        "sampling": sampling_section("transformers", transformers.__version__, config),
         "horizon": config.max_new_tokens,
-        "prompt_set": {
-            "source": str(Path(config.prompts).resolve()),
-            "content_hash": prompt_set_hash(records),
-            "num_prompts": len(records),
-            "skipped_prompts": 0,
-            "part_size": config.prompts_per_step,
-        },
+        "prompt_set": prompt_set_section(
+            config.prompts, records, skipped=0, part_size=config.prompts_per_step
+        ),
         "topk": {"k": config.topk, "tail_treatment": config.topk_tail} if config.topk else None,
         "extra": {
             "online": {
@@ -328,13 +316,7 @@ def run(config: OnlineConfig, log=print) -> Path:
     start_step, run_id = 0, config.run_id()
     checkpoint = find_checkpoint(config)
     if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state["run_id"] != run_id:
-            raise TrainingError(
-                f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
-                "resume with the config that wrote it, or pass --resume never / a new --out"
-            )
-        accelerator.load_state(str(checkpoint))
+        state = restore_checkpoint(accelerator, checkpoint, run_id)
         start_step = int(state["step"])
         log(f"online OPD: resumed from {checkpoint} at step {start_step}")
     writer = None

@@ -279,3 +279,35 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
     assert "OK" in lopd("store", "verify", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"]["backend"] == "vllm" and manifest["stats"]["num_rollouts"] == 2 * len(PROMPTS)
+    # The same rollouts scored through vLLM's prompt_logprobs agree with the transformers scorer.
+    vllm_scored = tmp_path / "store-vllm-scored"
+    lopd(
+        "score",
+        "--rollouts",
+        out / "_rollouts",
+        "--teacher",
+        model_dir,
+        "--sft-teacher",
+        model_dir,
+        "--out",
+        vllm_scored,
+        "--scoring-backend",
+        "vllm",
+        "--dtype",
+        "float32",
+        "--allow-duplicate",
+    )
+    assert "OK" in lopd("store", "verify", vllm_scored)
+    import pyarrow.parquet as pq
+
+    def teacher_logprobs(root):
+        table = pq.read_table(
+            sorted((root / "data").glob("*.parquet")),
+            columns=["prompt_id", "sample_index", "teacher_logprobs"],
+        )
+        return {(r["prompt_id"], r["sample_index"]): r["teacher_logprobs"] for r in table.to_pylist()}
+
+    ours, theirs = teacher_logprobs(out), teacher_logprobs(vllm_scored)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_allclose(theirs[key], ours[key], atol=TOLERANCE)
