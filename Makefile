@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_train_step.py
+	$(BIN)/python benchmarks/bench_online_step.py --spec toy
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
