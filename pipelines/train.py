@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -329,16 +330,17 @@ def run(config: TrainConfig, log=print) -> Path:
     for step in range(start_step, config.steps):
         t0 = timer()
         horizon = horizon_at(config.horizon_config(), step, store_horizon)
-        rows = [next(stream) for _ in range(config.batch_size)][
-            rank::world
-        ]  # every rank reads the same sequence
+        # Every rank reads the same global batch and keeps its own slice: no sampler state to sync.
+        global_rows = [next(stream) for _ in range(config.batch_size)]
+        rows = global_rows[rank::world]
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
         loss_sum, tokens, response_tokens = 0.0, 0, 0
         seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
         for j, chunk in enumerate(micro):
             batch = collate(chunk, horizon, tokenizer.pad_token_id, topk).to(accelerator.device)
-            sync = accelerator.no_sync(model) if j < len(micro) - 1 else _nullcontext()
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = accelerator.no_sync(model) if j < len(micro) - 1 else nullcontext()
             with sync, accelerator.autocast():
                 token_batch = student_token_batch(
                     model, batch, needs_topk=objective.needs_topk, chunk_size=config.chunk_size
@@ -398,14 +400,6 @@ def run(config: TrainConfig, log=print) -> Path:
     if metrics is not None:
         metrics.close()
     return save_final(accelerator, model, tokenizer, config, stores, out, log)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizon: int) -> float:
