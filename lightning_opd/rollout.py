@@ -173,6 +173,19 @@ def horizon(prompt_len: int, max_new_tokens: int, max_context: int, key: str) ->
     return min(max_new_tokens, room)
 
 
+def plan_requests(
+    prompt_ids: Sequence[Sequence[int]], prompt_keys: Sequence[str], config, vocab_size: int, max_context: int
+) -> list[tuple[int, int]]:
+    """``(prompt index, sample index)`` for every sample, after refusing bad or over-long prompts up front.
+
+    Shared by every sampler, so both backends refuse the same inputs before any work starts.
+    """
+    check_prompts(prompt_ids, prompt_keys, vocab_size)
+    for ids, key in zip(prompt_ids, prompt_keys):
+        horizon(len(ids), config.max_new_tokens, max_context, key)
+    return [(i, s) for i in range(len(prompt_ids)) for s in range(config.n)]
+
+
 def finish(tokens: Sequence[int], eos_ids: Sequence[int], limit: int) -> tuple[int, str]:
     """``(length, finish_reason)`` of a response: through the first EOS (kept), else cut at ``limit``."""
     eos = set(eos_ids)
@@ -276,10 +289,7 @@ class TransformersSampler:
         self, prompt_ids: list[list[int]], prompt_keys: list[str], seed: int | None = None
     ) -> list[Rollout]:
         seed = self.config.seed if seed is None else seed
-        check_prompts(prompt_ids, prompt_keys, self.vocab_size)
-        for ids, key in zip(prompt_ids, prompt_keys):  # refuse a prompt that does not fit before any work
-            horizon(len(ids), self.config.max_new_tokens, self.max_context, key)
-        requests = [(i, s) for i in range(len(prompt_ids)) for s in range(self.config.n)]
+        requests = plan_requests(prompt_ids, prompt_keys, self.config, self.vocab_size, self.max_context)
         rollouts: list[Rollout] = []
         for start in range(0, len(requests), self.config.batch_size):
             batch = requests[start : start + self.config.batch_size]

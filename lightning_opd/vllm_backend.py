@@ -34,9 +34,9 @@ from lightning_opd.rollout import (
     DTYPES,
     Rollout,
     SamplingConfig,
-    check_prompts,
     eos_token_ids,
     horizon,
+    plan_requests,
     sample_seed,
 )
 
@@ -177,10 +177,7 @@ class VLLMSampler:
         self, prompt_ids: list[list[int]], prompt_keys: list[str], seed: int | None = None
     ) -> list[Rollout]:
         seed = self.config.seed if seed is None else seed
-        check_prompts(prompt_ids, prompt_keys, self.vocab_size)
-        for ids, key in zip(prompt_ids, prompt_keys):  # refuse a prompt that does not fit before any work
-            horizon(len(ids), self.config.max_new_tokens, self.max_context, key)
-        requests = [(i, s) for i in range(len(prompt_ids)) for s in range(self.config.n)]
+        requests = plan_requests(prompt_ids, prompt_keys, self.config, self.vocab_size, self.max_context)
         if not requests:
             return []
         inputs = [{"prompt_token_ids": list(prompt_ids[i])} for i, _ in requests]

@@ -418,36 +418,45 @@ def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizo
     return result.greedy_accuracy
 
 
+def write_final_model(
+    accelerator, model, tokenizer, final: Path, *, stage: str, config, inputs: dict
+) -> None:
+    """Save the trained student with provenance (main process only): its fingerprint, its config, what it
+    was trained on, and its parent's provenance, so the chain back to the SFT teacher stays intact."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+    tokenizer.save_pretrained(final)
+    parent = read_provenance(config.student)
+    write_provenance(
+        final,
+        Provenance(
+            stage=stage,
+            model_fingerprint=model_fingerprint(final),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            # The consistency anchor carries over: this model's SFT teacher is its parent's.
+            sft_teacher=parent.sft_teacher if parent else None,
+            config=asdict(config),
+            parent=parent.__dict__ if parent else None,
+            inputs=inputs,
+        ),
+    )
+
+
 def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: Path, log) -> Path:
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
-        tokenizer.save_pretrained(final)
-        parent = read_provenance(config.student)
-        write_provenance(
-            final,
-            Provenance(
-                stage="lightning_opd",
-                model_fingerprint=model_fingerprint(final),
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                # The consistency anchor carries over: this model's SFT teacher is its parent's.
-                sft_teacher=parent.sft_teacher if parent else None,
-                config=asdict(config),
-                parent=parent.__dict__ if parent else None,
-                inputs={
-                    **_gold_input(config),
-                    "stores": [
-                        {
-                            "path": str(s.root),
-                            "store_id": s.store_id,
-                            "manifest_sha256": _sha256(s.root / "manifest.json"),
-                        }
-                        for s in stores
-                    ],
-                },
-            ),
+        stores_input = [
+            {
+                "path": str(s.root),
+                "store_id": s.store_id,
+                "manifest_sha256": _sha256(s.root / "manifest.json"),
+            }
+            for s in stores
+        ]
+        inputs = {**_gold_input(config), "stores": stores_input}
+        write_final_model(
+            accelerator, model, tokenizer, final, stage="lightning_opd", config=config, inputs=inputs
         )
         log(f"stage 2: trained student saved to {final}")
     return final

@@ -38,7 +38,6 @@ from lightning_opd.config import check, prepare_output_dir, to_dict
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError, TrainingError
 from lightning_opd.evaluation import VERIFIERS
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
@@ -55,12 +54,11 @@ from lightning_opd.online import (
     sample_rollouts,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.rollout import SamplingConfig
 from lightning_opd.store import StoreWriter
 from lightning_opd.trainer import MetricsLog, format_status, timer
 from pipelines.precompute import prompt_set_section, sampling_section
-from pipelines.train import find_checkpoint, restore_checkpoint, save_checkpoint
+from pipelines.train import find_checkpoint, restore_checkpoint, save_checkpoint, write_final_model
 
 RESUMABLE_FIELDS = frozenset(
     {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
@@ -481,10 +479,6 @@ def save_final(
     accelerator, model, tokenizer, config, out: Path, teacher_id, consistency, records, writer, log
 ) -> Path:
     final = out / "final"
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
-    tokenizer.save_pretrained(final)
-    parent = read_provenance(config.student)
     inputs = {
         "teacher": asdict(teacher_id),
         "teacher_consistency": consistency,
@@ -492,17 +486,6 @@ def save_final(
     }
     if writer is not None:
         inputs["store"] = {"path": str(writer.root), "store_id": writer.store_id}
-    write_provenance(
-        final,
-        Provenance(
-            stage="online_opd",
-            model_fingerprint=model_fingerprint(final),
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            sft_teacher=parent.sft_teacher if parent else None,
-            config=asdict(config),
-            parent=parent.__dict__ if parent else None,
-            inputs=inputs,
-        ),
-    )
+    write_final_model(accelerator, model, tokenizer, final, stage="online_opd", config=config, inputs=inputs)
     log(f"online OPD: trained student saved to {final}")
     return final

@@ -1,26 +1,14 @@
 """`lopd sft` and `lopd eval` end to end on micro models, through the real command line."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_lopd as lopd
 
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.prompts import write_jsonl
 from lightning_opd.provenance import read_provenance
 from lightning_opd.toy.task import sample_problems, to_records
-
-
-def lopd(*args, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"lopd {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
 
 
 @pytest.fixture(scope="module")
