@@ -17,6 +17,7 @@ never share the device: all of this worker's rollouts are written first, then th
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,6 +237,17 @@ def make_scorer(config: ScoreConfig):
 SHARD_FIELDS = frozenset({"shard_index"})
 
 
+class TokenRate:
+    """Tokens per second since creation, for the progress bars' postfix."""
+
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> str:
+        self.tokens += tokens
+        return f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s"
+
+
 def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
     return [p for p in range(num_parts) if p % num_shards == shard_index]
 
@@ -319,7 +331,9 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     )
     answers = {r.prompt_id: r.answer for r in records}
     grade = VERIFIERS[config.verifier]
-    for part in tqdm(todo, desc="rollout parts", unit="part"):
+    bar = tqdm(todo, desc="rollout parts", unit="part")
+    throughput = TokenRate()
+    for part in bar:
         idx = keep[part * config.part_size : (part + 1) * config.part_size]
         rollouts = sampler.sample(
             [encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part
@@ -341,6 +355,7 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
             for r in rollouts
         ]
         writer.write_part(part, rows)
+        bar.set_postfix_str(throughput.add(sum(len(r["response_ids"]) for r in rows)))
     sampler.close()
     finalize_if_complete(writer, config.num_shards, log)
     return out
@@ -392,7 +407,9 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
     log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()} ({config.scoring_backend})")
     score, close = make_scorer(config) if todo else (None, lambda: None)
     try:
-        for part in tqdm(todo, desc="scoring parts", unit="part"):
+        bar = tqdm(todo, desc="scoring parts", unit="part")
+        throughput = TokenRate()
+        for part in bar:
             rows = read_part(rollouts_root, part).to_pylist()
             scored = score([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
             for row, s in zip(rows, scored):
@@ -401,6 +418,9 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
                     row["teacher_topk_ids"] = s.topk_ids.tolist()
                     row["teacher_topk_logprobs"] = s.topk_logprobs.tolist()
             writer.write_part(part, rows)
+            bar.set_postfix_str(
+                throughput.add(sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows))
+            )
     finally:
         close()  # a vLLM engine holds the device until closed
     finalize_if_complete(writer, config.num_shards, log)
