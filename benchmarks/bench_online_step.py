@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--spec", choices=("toy", "micro"), default="toy", help="toy: the demo's model sizes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="directory for the CSV table and PNG chart"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +114,24 @@ def main() -> None:
         ("offline step (update only)", off),
     ):
         print(f"{name:<34}{seconds:>10.3f}{seconds / off:>16.2f}")
+    from lightning_opd.plots import write_benchmark
+
+    phases = {
+        "sampling": sample,
+        "teacher scoring": score,
+        "update": update,
+        "online total": total,
+        "offline step": off,
+    }
+    write_benchmark(
+        args.out,
+        "online_step",
+        [{"phase": k, "seconds": v, "x_offline": v / off} for k, v in phases.items()],
+        x="phase",
+        ys=["x_offline"],
+        title="online OPD step, by phase, vs the offline step",
+        ylabel="x offline step",
+    )
 
 
 if __name__ == "__main__":

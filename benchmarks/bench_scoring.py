@@ -163,6 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-length", type=int, default=1024)
     p.add_argument("--mem-prompt", type=int, default=32)
     p.add_argument("--mem-chunk", type=int, default=128, help="scoring chunk for the memory test")
+    p.add_argument("--out", default="benchmarks/results", help="directory for the CSV tables and PNG charts")
     p.add_argument("--memory-child", nargs=2, metavar=("METHOD", "VOCAB"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -198,7 +199,29 @@ def main() -> None:
     for row in rows:
         naive, ours = row["naive"] / 2**20, row["ours"] / 2**20
         print(f"{row['vocab']:8d} {naive:10.1f} {ours:10.1f} {naive / max(ours, 1e-9):10.1f}x")
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    from lightning_opd.plots import write_benchmark
+
+    write_benchmark(
+        args.out,
+        "scoring_throughput",
+        [{"method": k, "tokens_per_s": v, "vs_bare": v / bare} for k, v in rates.items()],
+        x="method",
+        ys=["vs_bare"],
+        title=f"teacher scoring throughput vs a bare forward ({device_name})",
+        ylabel="ratio",
+    )
+    write_benchmark(
+        args.out,
+        "scoring_memory",
+        [{"vocab": r["vocab"], "naive_MiB": r["naive"] / 2**20, "ours_MiB": r["ours"] / 2**20} for r in rows],
+        x="vocab",
+        ys=["naive_MiB", "ours_MiB"],
+        kind="line",
+        logx=True,
+        title=f"peak scoring memory vs vocabulary ({args.mem_length} tokens, {device_name})",
+        ylabel="MiB",
+    )
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; tables and charts in {args.out}/")
 
 
 if __name__ == "__main__":

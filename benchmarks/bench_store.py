@@ -184,6 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=500_000, help="response tokens per configuration")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="directory for the CSV table and PNG chart"
+    )
     args = parser.parse_args()
 
     print(f"Bytes per response token (~{args.tokens:,} response tokens per configuration, vocab {VOCAB:,})")
@@ -191,6 +194,20 @@ def main() -> None:
     sizes, breakdown = bench_sizes(args.tokens, args.seed)
     for label, name, per_token in sizes:
         print(f"{label:<15} {name:<36} {per_token:>8.2f}")
+    from lightning_opd.plots import write_benchmark
+
+    by_signal: dict[str, dict] = {}
+    for label, name, per_token in sizes:
+        by_signal.setdefault(label, {"signal": label})[name] = per_token
+    write_benchmark(
+        args.out,
+        "store_bytes_per_token",
+        list(by_signal.values()),
+        x="signal",
+        ys=[name for name in dict.fromkeys(n for _, n, _ in sizes)],
+        title="store size by encoding",
+        ylabel="bytes per response token",
+    )
 
     print("\nOur encoding, bytes per response token by column")
     for label, columns in breakdown.items():

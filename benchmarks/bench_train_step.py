@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=64)
     ap.add_argument("--store-rows", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results", help="directory for the CSV tables and PNG charts")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -189,7 +190,7 @@ def main() -> None:
             "POPD linear": HorizonConfig(kind="linear", h0=max(1, args.len // 8), ramp_steps=32),
         }
         steps = min(16, store.num_rows // args.rows)
-        base = None
+        base, horizon_rows = None, []
         for name, cfg in schedules.items():
             stream = RolloutStream([store], shuffle_buffer=1024, seed=0)
             t, n_tokens = time.perf_counter(), 0
@@ -210,6 +211,30 @@ def main() -> None:
                 f"   {name:<28}{n_tokens:>10}{elapsed:>10.2f}{n_tokens / base[0]:>10.2f}{elapsed / base[1]:>8.2f}"
             )
         print(f"   ({steps} steps of {args.rows} rollouts; POPD ratios depend on the schedule constants)")
+    from lightning_opd.plots import write_benchmark
+
+    write_benchmark(
+        args.out,
+        "train_step",
+        [
+            {"step": "SFT", "seconds": t_sft, "ratio": 1.0},
+            {"step": "offline OPD", "seconds": t_opd, "ratio": t_opd / t_sft},
+        ],
+        x="step",
+        ys=["ratio"],
+        title="stage-two step vs a plain SFT step (same batch)",
+        ylabel="time ratio",
+    )
+    write_benchmark(
+        args.out,
+        "horizons",
+        horizon_rows,
+        x="horizon",
+        ys=["tokens_x", "time_x"],
+        title="one pass over a store, per horizon schedule (vs full)",
+        ylabel="ratio to full",
+    )
+    print(f"\ntables and charts in {args.out}/")
 
 
 if __name__ == "__main__":

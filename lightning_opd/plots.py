@@ -319,3 +319,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_benchmark(
+    out_dir: str | Path,
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    x: str,
+    ys: Sequence[str],
+    title: str,
+    ylabel: str,
+    kind: str = "bar",
+    logx: bool = False,
+) -> tuple[Path, Path]:
+    """A benchmark's table as ``NAME.csv`` plus a chart ``NAME.png`` beside it (bars, or lines over ``x``)."""
+    import csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{name}.csv"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = new_figure()
+    labels = [str(row[x]) for row in rows]
+    if kind == "line":
+        for y in ys:
+            ax.plot([row[x] for row in rows], [row[y] for row in rows], marker="o", label=y)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+    else:
+        width = 0.8 / len(ys)
+        for i, y in enumerate(ys):
+            ax.bar([j + i * width for j in range(len(rows))], [row[y] for row in rows], width, label=y)
+        ax.set_xticks(
+            [j + width * (len(ys) - 1) / 2 for j in range(len(rows))], labels, rotation=15, ha="right"
+        )
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(ys) > 1 or kind == "line":
+        ax.legend()
+    return csv_path, save_figure(fig, out, name)
