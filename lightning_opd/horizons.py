@@ -90,6 +90,22 @@ def check_horizon(cfg: HorizonConfig, store_horizon: int) -> None:
         )
 
 
+def horizon_from_flags(config) -> HorizonConfig:
+    """The HorizonConfig of a flat stage config's ``horizon`` and ``horizon_*`` fields (0 means unset).
+
+    Offline and online training expose the same flags; this is the one place they become a schedule.
+    """
+    return HorizonConfig(
+        kind=config.horizon,
+        tokens=config.horizon_tokens or None,
+        fraction=config.horizon_fraction or None,
+        h0=config.horizon_h0 or None,
+        dh=config.horizon_dh or None,
+        dk=config.horizon_dk or None,
+        ramp_steps=config.horizon_ramp_steps or None,
+    )
+
+
 def horizon_at(cfg: HorizonConfig, step: int, store_horizon: int) -> int:
     """The horizon (response tokens trained on) at 0-based optimiser ``step``; always in [1, T]."""
     check_horizon(cfg, store_horizon)

@@ -31,7 +31,7 @@ from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError, TrainingError
 from lightning_opd.evaluation import VERIFIERS, evaluate_model
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
-from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at
+from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at, horizon_from_flags
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.objectives import make_objective
 from lightning_opd.online import GoldSolutions, with_gold
@@ -181,15 +181,7 @@ class TrainConfig:
         return [s for s in self.stores.split(",") if s]
 
     def horizon_config(self) -> HorizonConfig:
-        return HorizonConfig(
-            kind=self.horizon,
-            tokens=self.horizon_tokens or None,
-            fraction=self.horizon_fraction or None,
-            h0=self.horizon_h0 or None,
-            dh=self.horizon_dh or None,
-            dk=self.horizon_dk or None,
-            ramp_steps=self.horizon_ramp_steps or None,
-        )
+        return horizon_from_flags(self)
 
     def build_objective(self):
         if self.objective == "lightning":

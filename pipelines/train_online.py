@@ -38,7 +38,7 @@ from lightning_opd.config import check, prepare_output_dir, to_dict
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError, TrainingError
 from lightning_opd.evaluation import VERIFIERS
-from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at
+from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at, horizon_from_flags
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
 from lightning_opd.objectives import make_objective
@@ -162,15 +162,7 @@ class OnlineConfig:
         self.build_objective()
 
     def horizon_config(self) -> HorizonConfig:
-        return HorizonConfig(
-            kind=self.horizon,
-            tokens=self.horizon_tokens or None,
-            fraction=self.horizon_fraction or None,
-            h0=self.horizon_h0 or None,
-            dh=self.horizon_dh or None,
-            dk=self.horizon_dk or None,
-            ramp_steps=self.horizon_ramp_steps or None,
-        )
+        return horizon_from_flags(self)
 
     def sampling(self, step: int) -> SamplingConfig:
         """Step ``step``'s sampler settings: its own seed, the horizon in force as max_new_tokens."""
