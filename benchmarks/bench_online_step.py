@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_opd.logprobs import score_sequences  # noqa: E402
 from lightning_opd.objectives import make_objective  # noqa: E402
-from lightning_opd.online import UpdateInputs, accumulate_gradients, rollout_rows, sample_rollouts  # noqa: E402
+from lightning_opd.online import rollout_rows, sample_rollouts  # noqa: E402
 from lightning_opd.rollout import SamplingConfig  # noqa: E402
+from lightning_opd.stage2.runs import timer  # noqa: E402
+from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients  # noqa: E402
 from lightning_opd.toy.models import MICRO_SPEC, STUDENT_SPEC, TEACHER_SPEC, build_model  # noqa: E402
 from lightning_opd.toy.task import sample_problems  # noqa: E402
 from lightning_opd.toy.tokenizer import build_char_tokenizer  # noqa: E402
-from lightning_opd.trainer import timer  # noqa: E402
 
 
 def one_step(student, teacher, tokenizer, optimizer, prompts, keys, args, seed: int, online: bool, rows=None):

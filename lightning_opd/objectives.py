@@ -467,6 +467,30 @@ def reference_kl(
     return reduce_tokens(per_token, mask, sample_reduction)
 
 
+def on_policy_reference_kl(
+    student_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, sample_reduction: str = "sum"
+) -> Tensor:
+    """Per-state KL(π_θ‖π_ref) from tokens sampled by π_θ itself (online StableOPD), reduced like the objectives.
+
+    With log r = log π_θ(y_t) − log π_ref(y_t), y_t ∼ π_θ(·|s_t):
+
+    - value: ``1/r − 1 + log r`` (Schulman's k3 with the roles that fit on-policy samples): ≥ 0 per
+      token and unbiased, E_θ[π_ref/π_θ] = 1 and E_θ[log r] = KL(π_θ‖π_ref);
+    - gradient: ``sg(log r)·∇log π_θ(y_t)``, unbiased for ∇KL(π_θ‖π_ref) at the state (score function:
+      ∇Σ π_θ log r = E_θ[log r·∇log π_θ] + E_θ[∇log π_θ], and the last term is 0).
+
+    This equals the offline estimator ``objectives.reference_kl`` importance-weighted by sg(π_ref/π_θ)
+    (its expectation is over π_ref's tokens). Differentiating k3 directly would instead give the
+    gradient of KL(π_ref‖π_θ); using the offline formula on on-policy tokens estimates neither.
+    """
+    valid = mask > 0
+    student = clean(student_logprobs, valid)
+    log_r = (student.detach() - clean(ref_logprobs, valid).detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    value = torch.expm1(-log_r) + log_r
+    per_token = value + log_r * (student - student.detach())  # value k3, gradient log r · ∇log π_θ
+    return reduce_tokens(per_token, mask, sample_reduction)
+
+
 def gold_nll(gold_logprobs: Tensor, gold_mask: Tensor, sample_reduction: str = "sum") -> Tensor:
     """Negative log-likelihood of gold solutions, token mean per solution, reduced like the base loss."""
     valid = _valid(gold_mask)
@@ -569,6 +593,7 @@ __all__ = [
     "f_divergence_value",
     "gold_nll",
     "make_objective",
+    "on_policy_reference_kl",
     "opd_plus_advantage",
     "reduce_tokens",
     "reference_kl",

@@ -1,11 +1,11 @@
-"""Online OPD (METHODS.md §1) on the objective code of offline training, and the StableOPD extras
-(gold-solution mixture, reference KL, §5) that offline and online training share.
+"""Online OPD (METHODS.md §1): the pieces of an online step around the shared update
+(``lightning_opd.stage2.step``): which prompts a step uses, the current student's rollouts as
+store-shaped rows, their grading and diagnostics, and greedy evaluation.
 
 One online step: the *current* student samples (``TransformersSampler`` on the in-memory model; vLLM
 loads weights from disk, so it cannot sample from weights that change every step), a live teacher
 in the same process scores the sampled tokens (``score_sequences``), and the rollouts become rows of
-the same shape as a store's, so ``trainer.collate`` / ``trainer.student_token_batch`` and the
-objectives of ``lightning_opd.objectives`` run unchanged. The only online-specific inputs:
+the same shape as a store's, so the update step of offline training runs unchanged. The only online-specific inputs:
 
 - the sampler's log-probs go in as ``behavior_logprobs`` *and* ``old_logprobs``: the surrogate is
   −A_t·exp(log π_θ − log π_samp). With one update per batch the ratio is 1 (up to kernel rounding,
@@ -17,22 +17,16 @@ objectives of ``lightning_opd.objectives`` run unchanged. The only online-specif
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
 from lightning_opd.evaluation import VERIFIERS
-from lightning_opd.objectives import MAX_LOG_RATIO, TokenBatch, clean, reduce_tokens
-from lightning_opd.prompts import PromptRecord, encode_prompt, load_prompts
+from lightning_opd.prompts import PromptRecord, encode_prompt
 from lightning_opd.rollout import Rollout, SamplingConfig, TransformersSampler
-from lightning_opd.trainer import check_finite, collate, student_token_batch
 
 # ----------------------------------------------------------------------------------------------
 # Which prompts a step uses
@@ -119,202 +113,6 @@ def grade(rollouts: list[Rollout], answers: dict[str, str | None], verifier: str
 
 
 # ----------------------------------------------------------------------------------------------
-# StableOPD: KL to π_ref on on-policy tokens
-
-
-def on_policy_reference_kl(
-    student_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, sample_reduction: str = "sum"
-) -> Tensor:
-    """Per-state KL(π_θ‖π_ref) from tokens sampled by π_θ itself (online StableOPD), reduced like the objectives.
-
-    With log r = log π_θ(y_t) − log π_ref(y_t), y_t ∼ π_θ(·|s_t):
-
-    - value: ``1/r − 1 + log r`` (Schulman's k3 with the roles that fit on-policy samples): ≥ 0 per
-      token and unbiased, E_θ[π_ref/π_θ] = 1 and E_θ[log r] = KL(π_θ‖π_ref);
-    - gradient: ``sg(log r)·∇log π_θ(y_t)``, unbiased for ∇KL(π_θ‖π_ref) at the state (score function:
-      ∇Σ π_θ log r = E_θ[log r·∇log π_θ] + E_θ[∇log π_θ], and the last term is 0).
-
-    This equals the offline estimator ``objectives.reference_kl`` importance-weighted by sg(π_ref/π_θ)
-    (its expectation is over π_ref's tokens). Differentiating k3 directly would instead give the
-    gradient of KL(π_ref‖π_θ); using the offline formula on on-policy tokens estimates neither.
-    """
-    valid = mask > 0
-    student = clean(student_logprobs, valid)
-    log_r = (student.detach() - clean(ref_logprobs, valid).detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    value = torch.expm1(-log_r) + log_r
-    per_token = value + log_r * (student - student.detach())  # value k3, gradient log r · ∇log π_θ
-    return reduce_tokens(per_token, mask, sample_reduction)
-
-
-# ----------------------------------------------------------------------------------------------
-# StableOPD: gold-solution mixture
-
-
-class GoldSolutions:
-    """Gold worked solutions by prompt_id, as token ids (``solution`` + EOS), for the NLL mixture.
-
-    ``rows_for`` gives one gold row per prompt of a micro-batch, on the prompt ids the rollouts were
-    sampled from (exactly what the student sees), skipping prompts already given this step: one gold
-    solution per prompt in the same minibatch as its rollouts (METHODS §5).
-    """
-
-    def __init__(self, solutions: dict[str, list[int]], source: str):
-        self.solutions = solutions
-        self.source = source
-
-    @classmethod
-    def from_records(cls, records: Iterable[PromptRecord], tokenizer, source: str) -> GoldSolutions:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise InputError(
-                "the tokenizer has no EOS token; gold solutions end with EOS (the model must stop)"
-            )
-        solutions = {
-            r.prompt_id: tokenizer(r.solution, add_special_tokens=False)["input_ids"] + [eos]
-            for r in records
-            if r.solution
-        }
-        if not solutions:
-            raise InputError(
-                f"gold prompt set {source} has no 'solution' field in any row; give it worked solutions "
-                "or set gold_nll_coef 0"
-            )
-        return cls(solutions, source)
-
-    @classmethod
-    def load(cls, path: str, tokenizer) -> GoldSolutions:
-        return cls.from_records(load_prompts(path), tokenizer, path)
-
-    def rows_for(self, rows: list[dict], seen: set[str]) -> list[dict]:
-        out = []
-        for row in rows:
-            key = row["prompt_id"]
-            if key in seen:
-                continue
-            if key not in self.solutions:
-                raise InputError(
-                    f"prompt {key!r} has no gold solution in {self.source}; pass a --gold-prompts set with a "
-                    "'solution' for every training prompt (joined by prompt_id)"
-                )
-            seen.add(key)
-            gold = self.solutions[key]
-            zeros = [0.0] * len(gold)
-            out.append(
-                {
-                    "prompt_id": key,
-                    "sample_index": -1,
-                    "prompt_ids": row["prompt_ids"],
-                    "response_ids": gold,
-                    "teacher_logprobs": zeros,
-                    "behavior_logprobs": zeros,
-                }
-            )
-        return out
-
-
-def with_gold(
-    token_batch: TokenBatch, model, gold_rows: list[dict], pad_id: int, chunk_size: int
-) -> TokenBatch:
-    """``token_batch`` plus the student's log-probs of ``gold_rows`` (whole solutions: no horizon cut)."""
-    if not gold_rows:  # every prompt of this micro-batch got its gold row earlier in the step
-        empty = token_batch.student_logprobs.new_zeros((0, 1))
-        return dataclasses.replace(token_batch, gold_logprobs=empty, gold_mask=empty)
-    device = token_batch.mask.device
-    longest = max(len(r["response_ids"]) for r in gold_rows)
-    gold = collate(gold_rows, longest, pad_id).to(device)
-    scored = student_token_batch(model, gold, needs_topk=False, chunk_size=chunk_size)
-    return dataclasses.replace(token_batch, gold_logprobs=scored.student_logprobs, gold_mask=gold.mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# The update: one step's gradients, shared by online training and the benchmark
-
-
-@dataclasses.dataclass
-class UpdateInputs:
-    """What ``accumulate_gradients`` needs besides the model and the rows."""
-
-    objective: Any
-    horizon: int
-    pad_id: int
-    topk: int | None = None
-    micro_batch_size: int = 64
-    chunk_size: int = 1024
-    sample_reduction: str = "sum"
-    ratio_to_sampler: bool = True  # online: old log-probs = the sampler's (importance ratio, METHODS §1)
-    ref_kl_coef: float = 0.0  # online StableOPD: rows carry "ref_logprobs" from the frozen π_ref
-    gold: GoldSolutions | None = None
-
-
-def accumulate_gradients(
-    model, rows: list[dict], inputs: UpdateInputs, *, step: int, accelerator=None
-) -> dict:
-    """Forward + backward over ``rows`` in micro-batches (gradients accumulate; no optimizer step).
-
-    Returns the summed loss, token counts and the objective's metrics averaged over micro-batches by
-    rows. The caller clips, steps and zeroes. ``step`` is 1-based, for error messages only.
-    """
-    device = next(model.parameters()).device
-    micro = [rows[i : i + inputs.micro_batch_size] for i in range(0, len(rows), inputs.micro_batch_size)]
-    totals: dict[str, float] = {}
-    loss_sum, tokens, response_tokens, gap_sum = 0.0, 0, 0, 0.0
-    seen_gold: set[str] = set()
-    for j, chunk in enumerate(micro):
-        batch = collate(chunk, inputs.horizon, inputs.pad_id, inputs.topk).to(device)
-        sync = accelerator.no_sync(model) if accelerator is not None and j < len(micro) - 1 else _null()
-        autocast = accelerator.autocast() if accelerator is not None else _null()
-        with sync, autocast:
-            token_batch = student_token_batch(
-                model, batch, needs_topk=inputs.objective.needs_topk, chunk_size=inputs.chunk_size
-            )
-            if inputs.ratio_to_sampler:
-                token_batch = dataclasses.replace(token_batch, old_logprobs=token_batch.behavior_logprobs)
-            if inputs.gold is not None:
-                gold_rows = inputs.gold.rows_for(chunk, seen_gold)
-                token_batch = with_gold(token_batch, model, gold_rows, inputs.pad_id, inputs.chunk_size)
-            loss, parts = inputs.objective(token_batch)
-            if inputs.ref_kl_coef > 0:
-                ref = collate(
-                    _as_teacher(chunk, "ref_logprobs"), inputs.horizon, inputs.pad_id
-                ).teacher_logprobs
-                kl = on_policy_reference_kl(
-                    token_batch.student_logprobs, ref.to(device), batch.mask, inputs.sample_reduction
-                )
-                loss = loss + inputs.ref_kl_coef * kl
-                parts = {**parts, "ref_kl": kl.item()}
-            if inputs.sample_reduction == "mean":
-                loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
-            check_finite(loss, step, batch)
-            (accelerator.backward if accelerator is not None else torch.Tensor.backward)(loss)
-        valid = batch.mask > 0
-        gap_sum += float((token_batch.student_logprobs.detach() - batch.behavior_logprobs)[valid].abs().sum())
-        loss_sum += loss.item()
-        tokens += int(batch.attention_mask.sum())
-        response_tokens += batch.num_tokens
-        for k, v in parts.items():
-            if k != "tokens":
-                totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
-    out = {**totals, "loss": loss_sum, "tokens": tokens, "response_tokens": response_tokens}
-    if inputs.ratio_to_sampler:
-        # ≈ 0 when the training forward reproduces the sampler (the ratio is then 1 as intended).
-        out["sampler_logprob_gap"] = gap_sum / max(1, response_tokens)
-    return out
-
-
-def _as_teacher(rows: list[dict], key: str) -> list[dict]:
-    """Rows whose ``teacher_logprobs`` are ``key``: lets ``collate`` place any per-token column."""
-    return [{**r, "teacher_logprobs": r[key]} for r in rows]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation with the rollout diagnostics
 
 
@@ -346,14 +144,9 @@ def evaluate_greedy(
 
 
 __all__ = [
-    "GoldSolutions",
-    "UpdateInputs",
-    "accumulate_gradients",
     "evaluate_greedy",
-    "on_policy_reference_kl",
     "prompt_batch",
     "rollout_diagnostics",
     "rollout_rows",
     "sample_rollouts",
-    "with_gold",
 ]

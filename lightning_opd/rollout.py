@@ -12,7 +12,7 @@ Conventions both backends follow, so a store does not depend on which one wrote 
   stop) and has ``finish_reason="stop"``; one cut by the horizon has ``finish_reason="length"``.
 - ``behavior_logprobs[t]`` is the log-softmax of the model's *raw* logits at temperature 1 for the
   sampled token, not the log-prob under the temperature/top-p distribution it was drawn from (see
-  ``BEHAVIOR_LOGPROBS_DISTRIBUTION``).
+  ``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``).
 - Sample ``s`` of prompt ``key`` is drawn with its own random stream seeded from ``(seed, key, s)``
   (``sample_seed``), so a rollout does not depend on which other prompts shared its batch, up to
   floating-point differences between batch shapes (which can flip a near-tie).
@@ -37,11 +37,6 @@ import torch
 
 from lightning_opd.config import check
 from lightning_opd.errors import ConfigError, InputError
-
-# What ``Rollout.behavior_logprobs`` holds, for the store manifest. The name is vLLM's LogprobsMode
-# for the same quantity (``log_softmax(logits)`` before temperature, penalties or top-p), and the
-# vLLM backend sets that mode explicitly.
-BEHAVIOR_LOGPROBS_DISTRIBUTION = "raw_logprobs"
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -97,7 +92,9 @@ class Rollout:
     sample_index: int
     prompt_ids: list[int]
     response_ids: list[int]  # includes the EOS token when finish_reason == "stop"
-    behavior_logprobs: list[float]  # one per response token, see BEHAVIOR_LOGPROBS_DISTRIBUTION
+    behavior_logprobs: list[
+        float
+    ]  # one per response token, see storage_schemas' BEHAVIOR_LOGPROBS_DISTRIBUTION
     finish_reason: str  # "stop" | "length"
     response_text: str  # decoded without special tokens; for reading and grading only
 

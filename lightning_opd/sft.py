@@ -17,6 +17,12 @@ import torch
 from accelerate import Accelerator
 
 from lightning_opd.config import check
+from lightning_opd.logprobs import (
+    final_hidden_states,
+    logit_postprocess,
+    output_head,
+    token_logprobs_from_hidden,
+)
 
 IGNORE_INDEX = -100
 
@@ -66,15 +72,29 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL over response tokens (labels != IGNORE_INDEX)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t+1: shift so each label lines up with the logits that predict it.
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+def response_nll(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024) -> torch.Tensor:
+    """Mean next-token NLL over response tokens (labels != IGNORE_INDEX).
+
+    Through the chunked kernels of ``logprobs``: the LM head runs only at response positions,
+    ``chunk_size`` positions at a time, and backward recomputes each chunk's logits, so neither
+    ``[batch, seq, vocab]`` nor ``[response tokens, vocab]`` fp32 logits are ever held (the first
+    out-of-memory of a 150k-vocabulary model otherwise).
+    """
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    # Position t predicts token t+1: shift so each label lines up with the state that predicts it.
+    labels = batch["labels"][:, 1:]
+    where = labels != IGNORE_INDEX
+    weight, bias = output_head(model)
+    logprobs = token_logprobs_from_hidden(
+        hidden[where],
+        weight,
+        labels[where],
+        bias=bias,
+        chunk_size=chunk_size,
+        checkpoint=True,
+        postprocess=logit_postprocess(model),
     )
+    return -logprobs.mean()
 
 
 def train_sft(
@@ -116,7 +136,8 @@ def train_sft(
         batch = {
             k: v.to(accelerator.device) for k, v in collate_sft([examples[i] for i in picked], pad_id).items()
         }
-        loss = response_nll(model, batch)
+        with accelerator.autocast():  # the decoder is called directly, past prepare()'s wrapped forward
+            loss = response_nll(model, batch)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -10,10 +10,7 @@ come from there.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,49 +137,3 @@ def check_finite(loss: torch.Tensor, step: int, batch: Batch) -> None:
             f"non-finite loss ({loss.item()}) at step {step} on store rows [{rows}]; no checkpoint was written for "
             "this step. Check those rows with `lopd store verify`, or lower the learning rate"
         )
-
-
-class MetricsLog:
-    """One JSON object per step in ``metrics.jsonl``, appended and flushed (a crash loses nothing logged)."""
-
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = path
-        if truncate_after_step is not None and path.exists():
-            # On resume, drop lines past the checkpoint so the file reads as one uninterrupted run.
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")  # noqa: SIM115 (held open for the run, closed by close())
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def format_status(row: dict) -> str:
-    """One dense line per step; objective metrics are shown when the objective reports them."""
-    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}"]
-    for key, label, fmt in (
-        ("adv_mean", "adv", "+.3f"),
-        ("kl_student_teacher", "kl", ".4f"),
-        ("topk_divergence", "topk-div", ".4f"),
-        ("ref_kl", "ref-kl", ".4f"),
-    ):
-        if key in row:
-            parts.append(f"{label} {row[key]:{fmt}}")
-    parts += [f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
-    if "eval_accuracy" in row:
-        parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
-    return " | ".join(parts)
-
-
-def timer() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()

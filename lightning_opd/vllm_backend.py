@@ -12,7 +12,7 @@ The engine starts worker processes (multiprocessing with ``spawn``), so any scri
 Log-prob semantics: both classes start the engine with ``logprobs_mode="raw_logprobs"`` (vLLM's
 default, set explicitly so that a changed default cannot silently change the store): the log-softmax
 of the model's logits before temperature, penalties and top-p, i.e.
-``rollout.BEHAVIOR_LOGPROBS_DISTRIBUTION``, and the same raw distribution the transformers scorer
+``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``, and the same raw distribution the transformers scorer
 (``lightning_opd.logprobs.score_sequences``) gives for the teacher.
 """
 
@@ -30,7 +30,6 @@ from lightning_opd.config import check
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.logprobs import ScoredSequence
 from lightning_opd.rollout import (
-    BEHAVIOR_LOGPROBS_DISTRIBUTION,
     DTYPES,
     Rollout,
     SamplingConfig,
@@ -39,6 +38,7 @@ from lightning_opd.rollout import (
     plan_requests,
     sample_seed,
 )
+from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION
 
 # Engine arguments this module owns: letting ``extra`` override them would break the contracts above.
 _RESERVED_ENGINE_ARGS = ("model", "dtype", "logprobs_mode", "max_logprobs", "max_model_len")

@@ -39,12 +39,18 @@ from lightning_opd.modeling import (
     resolve_dtype,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
+from lightning_opd.rollout import SamplingConfig, make_sampler
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.reader import read_part
 from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.store.writer import read_saved_header
-from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS, compute_store_id
+from storage_schemas.logprob_store_v1 import (
+    ROLLOUTS_SUBDIR,
+    TOPK_TAIL_TREATMENTS,
+    compute_store_id,
+    prompt_set_section,
+    sampling_section,
+)
 
 
 @dataclass
@@ -184,31 +190,6 @@ class PrecomputeConfig(RolloutConfig):
 SCORING_BACKENDS = ("transformers", "vllm")
 
 
-def sampling_section(backend: str, backend_version: str, config) -> dict:
-    """The manifest's ``sampling`` section, from any config with n/temperature/top_p/max_new_tokens/seed."""
-    return {
-        "backend": backend,
-        "backend_version": backend_version,
-        "n": config.n,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed,
-        "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
-    }
-
-
-def prompt_set_section(source: str, records, *, skipped: int, part_size: int) -> dict:
-    """The manifest's ``prompt_set`` section: where the prompts came from and their content hash."""
-    return {
-        "source": str(Path(source).resolve()),
-        "content_hash": prompt_set_hash(records),
-        "num_prompts": len(records),
-        "skipped_prompts": skipped,
-        "part_size": part_size,
-    }
-
-
 def make_scorer(config: ScoreConfig):
     """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend."""
     if config.scoring_backend == "vllm":
@@ -307,7 +288,11 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
         "sampling": sampling_section(sampler.name, sampler.version, config),
         "horizon": config.max_new_tokens,
         "prompt_set": prompt_set_section(
-            config.prompts, records, skipped=skipped, part_size=config.part_size
+            str(Path(config.prompts).resolve()),
+            content_hash=prompt_set_hash(records),
+            num_prompts=len(records),
+            skipped=skipped,
+            part_size=config.part_size,
         ),
         "teacher": None,
         "teacher_consistency": None,

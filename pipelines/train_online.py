@@ -22,30 +22,24 @@ rollouts' TruncRate/RepRate/length/reward, time in sampling / teacher scoring / 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from lightning_opd.config import check, prepare_output_dir, to_dict
+from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
-from lightning_opd.errors import ConfigError, InputError, TrainingError
-from lightning_opd.evaluation import VERIFIERS
-from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at, horizon_from_flags
+from lightning_opd.errors import ConfigError, InputError
+from lightning_opd.horizons import check_horizon, horizon_at
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
-from lightning_opd.objectives import make_objective
 from lightning_opd.online import (
-    GoldSolutions,
-    UpdateInputs,
-    accumulate_gradients,
     evaluate_greedy,
     grade,
     prompt_batch,
@@ -55,82 +49,49 @@ from lightning_opd.online import (
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.rollout import SamplingConfig
-from lightning_opd.store import StoreWriter
-from lightning_opd.trainer import MetricsLog, format_status, timer
-from pipelines.precompute import prompt_set_section, sampling_section
-from pipelines.train import find_checkpoint, restore_checkpoint, save_checkpoint, write_final_model
-
-RESUMABLE_FIELDS = frozenset(
-    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
+from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
+from lightning_opd.stage2.gold import GoldSolutions
+from lightning_opd.stage2.runs import (
+    MetricsLog,
+    due,
+    find_checkpoint,
+    format_status,
+    restore_checkpoint,
+    save_checkpoint,
+    timer,
+    write_final_model,
 )
+from lightning_opd.stage2.step import (
+    UpdateInputs,
+    accumulate_gradients,
+    apply_update,
+    make_optimizer,
+    update_inputs,
+)
+from lightning_opd.store import StoreWriter
+from storage_schemas.logprob_store_v1 import prompt_set_section, sampling_section
 
 
 @dataclass
-class OnlineConfig:
+class OnlineConfig(TrainingFlags):
+    """``lopd train-online``: the shared training flags (``TrainingFlags``) plus the live teacher and
+    the sampler."""
+
     student: str = field(metadata={"help": "SFT'd student: it samples every step and is trained"})
     teacher: str = field(metadata={"help": "live teacher (must be the student's SFT teacher)"})
     prompts: str = field(metadata={"help": "OPD prompt set (answers graded into train_reward)"})
     out: str = field(metadata={"help": "output directory"})
-    objective: str = field(default="lightning", metadata={"help": "lightning | opd_plus | topk"})
-    divergence: str = field(
-        default="reverse_kl", metadata={"help": "opd_plus: reverse_kl|forward_kl|jsd|hellinger|tv|alpha"}
-    )
-    alpha: float = 0.5
-    stop_gradient: bool = field(default=False, metadata={"help": "opd_plus: use -f(u) instead of w_f(u)"})
-    log_u_clamp: float = field(default=6.0, metadata={"help": "opd_plus: clamp of log(pi_T/pi_theta)"})
     topk: int = field(default=0, metadata={"help": "teacher top-k scored live (objective topk needs it)"})
-    topk_kind: str = field(default="reverse_kl", metadata={"help": "topk: reverse_kl | forward_kl | gjsd"})
-    topk_beta: float = 0.5
-    topk_tail: str = "renormalize"
-    clip_eps: float = field(
-        default=0.0, metadata={"help": "PPO clip epsilon (0 = off; one update per batch)"}
-    )
-    sample_reduction: str = "sum"
-    ref_kl_coef: float = field(
-        default=0.0,
-        metadata={"help": "StableOPD: KL to the initial student (a frozen copy scores the samples)"},
-    )
-    gold_nll_coef: float = field(default=0.0, metadata={"help": "StableOPD: weight of the gold-solution NLL"})
-    gold_prompts: str = field(
-        default="", metadata={"help": "prompt set with solutions by prompt_id (default: --prompts)"}
-    )
     prompts_per_step: int = 16
     n: int = field(default=4, metadata={"help": "samples per prompt (4 in the reference implementation)"})
     temperature: float = field(default=1.0, metadata={"help": "1.0: sample from pi_theta itself"})
     top_p: float = 1.0
-    max_new_tokens: int = field(default=64, metadata={"help": "generation horizon T"})
-    horizon: str = field(
-        default="full", metadata={"help": "full | fixed | fraction | staircase | linear (of T)"}
-    )
-    horizon_tokens: int = 0
-    horizon_fraction: float = 0.0
-    horizon_h0: int = 0
-    horizon_dh: int = 0
-    horizon_dk: int = 0
-    horizon_ramp_steps: int = 0
-    steps: int = 100
-    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation horizon T (the horizon is of T)"})
     sample_batch_size: int = 256
-    lr: float = 2e-6
-    beta1: float = 0.9
-    beta2: float = 0.98
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"
-    chunk_size: int = 1024
     max_tokens_per_batch: int = field(default=16384, metadata={"help": "teacher scoring batch budget"})
     teacher_dtype: str = "auto"
-    seed: int = 0
     prompt_field: str = "prompt"
     chat_template: str = "auto"
-    verifier: str = "addition"
-    eval_prompts: str = ""
-    eval_every: int = 0
-    eval_limit: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    resume: str = field(default="auto", metadata={"help": "auto | never | a checkpoint dir"})
     write_store: str = field(
         default="", metadata={"help": "also write every step's rollouts as a part of a store here"}
     )
@@ -138,21 +99,13 @@ class OnlineConfig:
     sft_teacher: str = field(
         default="", metadata={"help": "declare the SFT teacher of a student that has no provenance"}
     )
-    overwrite: bool = False
+
+    on_policy: ClassVar[bool] = True  # StableOPD's ref-KL: the on-policy estimator, in the update step
 
     def __post_init__(self):
-        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        super().__post_init__()
         check(self.prompts_per_step > 0, f"prompts_per_step must be positive, got {self.prompts_per_step}")
-        check(self.micro_batch_size > 0, f"micro_batch_size must be positive, got {self.micro_batch_size}")
-        check(self.lr > 0, f"lr must be positive, got {self.lr}")
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
-        check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
-        check(
-            self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
-        )
-        check(
-            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
-        )
         check(
             not (self.objective == "topk" and self.topk == 0),
             "objective topk needs the teacher's top-k: pass --topk K (e.g. 20)",
@@ -160,9 +113,6 @@ class OnlineConfig:
         self.sampling(0)
         check_horizon(self.horizon_config(), self.max_new_tokens)
         self.build_objective()
-
-    def horizon_config(self) -> HorizonConfig:
-        return horizon_from_flags(self)
 
     def sampling(self, step: int) -> SamplingConfig:
         """Step ``step``'s sampler settings: its own seed, the horizon in force as max_new_tokens."""
@@ -176,30 +126,6 @@ class OnlineConfig:
             batch_size=self.sample_batch_size,
             backend="transformers",
         )
-
-    def build_objective(self):
-        """The objective of offline training; StableOPD's ref-KL is added outside (on-policy estimator)."""
-        if self.objective == "lightning":
-            kwargs = {"clip_eps": self.clip_eps or None}
-        elif self.objective == "opd_plus":
-            kwargs = {
-                "divergence": self.divergence,
-                "alpha": self.alpha,
-                "stop_gradient": self.stop_gradient,
-                "log_u_clamp": self.log_u_clamp,
-                "clip_eps": self.clip_eps or None,
-            }
-        elif self.objective == "topk":
-            kwargs = {"kind": self.topk_kind, "beta": self.topk_beta, "tail": self.topk_tail}
-        else:
-            raise ConfigError(f"objective must be lightning | opd_plus | topk, got {self.objective!r}")
-        return make_objective(
-            self.objective, sample_reduction=self.sample_reduction, gold_nll_coef=self.gold_nll_coef, **kwargs
-        )
-
-    def run_id(self) -> str:
-        identity = {k: v for k, v in to_dict(self).items() if k not in RESUMABLE_FIELDS}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _ScheduleState:
@@ -253,7 +179,11 @@ def open_online_store(config: OnlineConfig, records, student_id, teacher_id, con
         "sampling": sampling_section("transformers", transformers.__version__, config),
         "horizon": config.max_new_tokens,
         "prompt_set": prompt_set_section(
-            config.prompts, records, skipped=0, part_size=config.prompts_per_step
+            str(Path(config.prompts).resolve()),
+            content_hash=prompt_set_hash(records),
+            num_prompts=len(records),
+            skipped=0,
+            part_size=config.prompts_per_step,
         ),
         "topk": {"k": config.topk, "tail_treatment": config.topk_tail} if config.topk else None,
         "extra": {
@@ -298,10 +228,7 @@ def run(config: OnlineConfig, log=print) -> Path:
         gold = GoldSolutions.load(config.gold_prompts or config.prompts, tokenizer)
     objective = config.build_objective()
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    optimizer, scheduler = make_optimizer(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start_step, run_id = 0, config.run_id()
     checkpoint = find_checkpoint(config)
@@ -317,16 +244,12 @@ def run(config: OnlineConfig, log=print) -> Path:
     eval_records = (
         load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
     )
-    inputs = UpdateInputs(
-        objective=objective,
+    inputs = update_inputs(
+        config,
+        objective,
         horizon=config.max_new_tokens,
         pad_id=tokenizer.pad_token_id,
         topk=config.topk if objective.needs_topk else None,
-        micro_batch_size=config.micro_batch_size,
-        chunk_size=config.chunk_size,
-        sample_reduction=config.sample_reduction,
-        ratio_to_sampler=True,
-        ref_kl_coef=config.ref_kl_coef,
         gold=gold,
     )
     log(
@@ -341,11 +264,7 @@ def run(config: OnlineConfig, log=print) -> Path:
         row = online_step(session, step)
         optimizer_step(accelerator, model, optimizer, scheduler, config, step, row)
         row["elapsed_s"] = timer() - started
-        if (
-            eval_records
-            and config.eval_every
-            and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps)
-        ):
+        if eval_records and due(config.eval_every, step + 1, config.steps):
             result = evaluate_greedy(
                 accelerator.unwrap_model(model),
                 tokenizer,
@@ -356,7 +275,7 @@ def run(config: OnlineConfig, log=print) -> Path:
             )
             row.update({f"eval_{k}": v for k, v in result.items()})
         metrics.write(row)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if due(config.log_every, step + 1, config.steps):
             log(status_line(row))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             save_checkpoint(accelerator, out, step + 1, _ScheduleState(), run_id, config.keep_checkpoints)
@@ -437,20 +356,11 @@ def online_step(session: Session, step: int) -> dict:
 
 def optimizer_step(accelerator, model, optimizer, scheduler, config, step: int, row: dict) -> None:
     t0 = timer()
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-    if not torch.isfinite(torch.as_tensor(grad_norm)):
-        raise TrainingError(
-            f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
-        )
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    row.update(apply_update(accelerator, model, optimizer, scheduler, config.grad_clip, step))
     row["update_s"] += timer() - t0
     row["step_time_s"] = (
         row["sample_s"] + row["score_s"] + row["ref_score_s"] + row["store_s"] + row["update_s"]
     )
-    row["grad_norm"] = float(grad_norm)
-    row["lr"] = scheduler.get_last_lr()[0]
     row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
 
 

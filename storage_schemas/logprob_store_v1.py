@@ -93,8 +93,9 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "prompt_ids": "Token ids of the prompt exactly as fed to the student (chat template applied).",
     "response_ids": "Token ids the student sampled, exactly as sampled (never re-tokenised); may be empty.",
     "behavior_logprobs": (
-        "Log-prob of each sampled token under the distribution it was sampled from (the sampling "
-        "distribution after temperature/top-p, as the manifest's sampling.behavior_logprobs says)."
+        "Raw log-prob of each sampled token under the student's full distribution (temperature 1, "
+        "no top-p), whatever temperature/top-p the sampler drew with; the manifest's "
+        "sampling.behavior_logprobs names this distribution ('raw_logprobs')."
     ),
     "teacher_logprobs": (
         "Teacher log-prob (temperature 1, full vocabulary) of each sampled token given the prompt and "
@@ -309,6 +310,39 @@ HEADER_KEYS = (
     "topk",
     "extra",
 )
+
+# What the behaviour log-probs are (manifest ``sampling.behavior_logprobs``): both samplers write the
+# raw log-prob of the sampled token under the model's unmodified distribution (temperature 1, no
+# top-p), whatever temperature/top-p they sampled with (vLLM's ``logprobs_mode`` of the same name).
+BEHAVIOR_LOGPROBS_DISTRIBUTION = "raw_logprobs"
+
+
+def sampling_section(backend: str, backend_version: str, config: Any) -> dict[str, Any]:
+    """The manifest's ``sampling`` section, from any config with n/temperature/top_p/max_new_tokens/seed."""
+    return {
+        "backend": backend,
+        "backend_version": backend_version,
+        "n": config.n,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+    }
+
+
+def prompt_set_section(
+    source: str, *, content_hash: str, num_prompts: int, skipped: int, part_size: int
+) -> dict[str, Any]:
+    """The manifest's ``prompt_set`` section: where the prompts came from and their content hash."""
+    return {
+        "source": source,
+        "content_hash": content_hash,
+        "num_prompts": num_prompts,
+        "skipped_prompts": skipped,
+        "part_size": part_size,
+    }
+
 
 # What makes two stores hold the same content. Paths are left out (moving a model does not change
 # its outputs); the backend version is left out (a patch release must not orphan a half-written store).

@@ -87,6 +87,34 @@ def test_sft_loss_masks_prompt_and_padding(micro_student_dir):
     assert torch.allclose(response_nll(model, batch2), response_nll(model, batch))
 
 
+def test_sft_loss_runs_through_the_chunked_kernels_with_the_naive_gradient(micro_student_dir):
+    """Stage zero's loss never builds [batch, seq, vocab] logits; value and gradient match the naive
+    full-logits cross-entropy whatever the chunk size."""
+    model = AutoModelForCausalLM.from_pretrained(micro_student_dir)
+    examples = [SFTExample([5, 6, 7], [8, 9, 2]), SFTExample([5], [10, 11, 12, 2]), SFTExample([4, 4], [2])]
+    batch = collate_sft(examples, pad_id=0)
+
+    def naive(m):
+        logits = (
+            m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        )
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    def value_and_grad(loss_fn):
+        model.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    expected, expected_grad = value_and_grad(naive)
+    for chunk_size in (1, 3, 1024):
+        got, grad = value_and_grad(lambda m, c=chunk_size: response_nll(m, batch, chunk_size=c))
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
+
+
 def test_provenance_round_trip(micro_student_dir, tmp_path):
     ident = model_identity(micro_student_dir)
     prov = Provenance(

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.rollout import (
-    BEHAVIOR_LOGPROBS_DISTRIBUTION,
     SamplingConfig,
     TransformersSampler,
     make_sampler,
@@ -22,6 +21,7 @@ from lightning_opd.rollout import (
     vllm_available,
 )
 from lightning_opd.vllm_backend import VLLMEngineConfig, _parse_prompt_logprobs
+from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION
 
 PROMPTS = ["12+34=", "5+6=", "999+1=", "7+80="]  # different lengths: exercises left padding
 

@@ -1,0 +1,145 @@
+"""Run helpers shared by offline and online training: checkpoints (exact resume, refused across
+runs), the metrics log, the status line, and the final-model writer with provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lightning_opd.config import write_json_atomic
+from lightning_opd.errors import TrainingError
+from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.provenance import Provenance, read_provenance, write_provenance
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def find_checkpoint(config) -> Path | None:
+    """The checkpoint ``config.resume`` asks for: ``auto`` = the latest whole one in ``config.out``."""
+    if config.resume == "never":
+        return None
+    if config.resume != "auto":
+        path = Path(config.resume)
+        if not (path / "trainer_state.json").exists():
+            raise TrainingError(f"--resume {path} is not a checkpoint (no trainer_state.json)")
+        return path
+    checkpoints = sorted(
+        (Path(config.out) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    complete = [p for p in checkpoints if (p / "trainer_state.json").exists()]  # written last: marks it whole
+    return complete[-1] if complete else None
+
+
+def restore_checkpoint(accelerator, checkpoint: Path, run_id: str) -> dict:
+    """Load model, optimizer, scheduler and RNG from ``checkpoint``; refuse one written by another run."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["run_id"] != run_id:
+        raise TrainingError(
+            f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
+            "resume with the config that wrote it, or pass --resume never / a new --out"
+        )
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
+def save_checkpoint(accelerator, out: Path, step: int, stream, run_id: str, keep: int) -> None:
+    """Accelerate's state plus ``trainer_state.json`` (written last: it marks the checkpoint whole)."""
+    accelerator.wait_for_everyone()
+    path = out / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json_atomic(
+            path / "trainer_state.json", {"step": step, "run_id": run_id, "stream": stream.state_dict()}
+        )
+        older = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        for old in older:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def due(every: int, step: int, steps: int) -> bool:
+    """Whether a periodic action (eval, log) runs after 1-based ``step``: every N steps and at the end."""
+    return bool(every) and (step % every == 0 or step == steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The final model
+
+
+def write_final_model(
+    accelerator, model, tokenizer, final: Path, *, stage: str, config, inputs: dict
+) -> None:
+    """Save the trained student with provenance (main process only): its fingerprint, its config, what it
+    was trained on, and its parent's provenance, so the chain back to the SFT teacher stays intact."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+    tokenizer.save_pretrained(final)
+    parent = read_provenance(config.student)
+    write_provenance(
+        final,
+        Provenance(
+            stage=stage,
+            model_fingerprint=model_fingerprint(final),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            # The consistency anchor carries over: this model's SFT teacher is its parent's.
+            sft_teacher=parent.sft_teacher if parent else None,
+            config=asdict(config),
+            parent=parent.__dict__ if parent else None,
+            inputs=inputs,
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and the status line
+
+
+class MetricsLog:
+    """One JSON object per step in ``metrics.jsonl``, appended and flushed (a crash loses nothing logged)."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # On resume, drop lines past the checkpoint so the file reads as one uninterrupted run.
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= truncate_after_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")  # noqa: SIM115 (held open for the run, closed by close())
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def format_status(row: dict) -> str:
+    """One dense line per step; objective metrics are shown when the objective reports them."""
+    parts = [f"step {row['step']}", f"H {row['horizon']}", f"loss {row['loss']:+.4f}"]
+    for key, label, fmt in (
+        ("adv_mean", "adv", "+.3f"),
+        ("kl_student_teacher", "kl", ".4f"),
+        ("topk_divergence", "topk-div", ".4f"),
+        ("ref_kl", "ref-kl", ".4f"),
+    ):
+        if key in row:
+            parts.append(f"{label} {row[key]:{fmt}}")
+    parts += [f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
+    if "eval_accuracy" in row:
+        parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
+    return " | ".join(parts)
+
+
+def timer() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()

@@ -1,0 +1,148 @@
+"""The one update step of stage two, run by offline (``lopd train``) and online (``lopd train-online``)
+training alike.
+
+``accumulate_gradients`` takes store-shaped rows (a store's column names: prompt/response ids,
+teacher and behaviour log-probs, optional top-k) and runs, per micro-batch: collate at the horizon,
+autocast, the student's log-probs of the stored tokens (chunked: never ``[batch, seq, vocab]`` in
+fp32), the gold-solution mixture, the objective (plus the on-policy reference KL online), a finite
+check and backward. ``apply_update`` then clips, checks the norm and steps the optimizer. Offline and
+online differ only in ``UpdateInputs``: online sets ``ratio_to_sampler`` (the explicit importance
+ratio to the sampler, METHODS §1) and adds the ref-KL here with the on-policy estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from lightning_opd.errors import TrainingError
+from lightning_opd.objectives import on_policy_reference_kl
+from lightning_opd.stage2.gold import GoldSolutions, with_gold
+from lightning_opd.trainer import check_finite, collate, student_token_batch
+
+
+@dataclasses.dataclass
+class UpdateInputs:
+    """What ``accumulate_gradients`` needs besides the model and the rows."""
+
+    objective: Any
+    horizon: int
+    pad_id: int
+    topk: int | None = None
+    micro_batch_size: int = 64
+    chunk_size: int = 1024
+    sample_reduction: str = "sum"
+    ratio_to_sampler: bool = True  # online: old log-probs = the sampler's (importance ratio, METHODS §1)
+    ref_kl_coef: float = 0.0  # online StableOPD: rows carry "ref_logprobs" from the frozen π_ref
+    gold: GoldSolutions | None = None
+
+
+def update_inputs(
+    flags, objective, *, horizon: int, pad_id: int, topk: int | None, gold: GoldSolutions | None
+) -> UpdateInputs:
+    """The update settings of a trainer with ``flags`` (a ``TrainingFlags``): the one place where
+    offline and online differ. Online (``flags.on_policy``) keeps the explicit ratio to the sampler
+    and adds StableOPD's ref-KL here with the on-policy estimator; offline leaves both to the
+    objective."""
+    return UpdateInputs(
+        objective=objective,
+        horizon=horizon,
+        pad_id=pad_id,
+        topk=topk,
+        micro_batch_size=flags.micro_batch_size,
+        chunk_size=flags.chunk_size,
+        sample_reduction=flags.sample_reduction,
+        ratio_to_sampler=flags.on_policy,
+        ref_kl_coef=flags.ref_kl_coef if flags.on_policy else 0.0,
+        gold=gold,
+    )
+
+
+def accumulate_gradients(
+    model, rows: list[dict], inputs: UpdateInputs, *, step: int, accelerator=None
+) -> dict:
+    """Forward + backward over ``rows`` in micro-batches (gradients accumulate; no optimizer step).
+
+    Returns the summed loss, token counts and the objective's metrics averaged over micro-batches by
+    rows. The caller clips, steps and zeroes (``apply_update``). ``step`` is 1-based, for error
+    messages only.
+    """
+    device = next(model.parameters()).device
+    micro = [rows[i : i + inputs.micro_batch_size] for i in range(0, len(rows), inputs.micro_batch_size)]
+    totals: dict[str, float] = {}
+    loss_sum, tokens, response_tokens, gap_sum = 0.0, 0, 0, 0.0
+    seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
+    for j, chunk in enumerate(micro):
+        batch = collate(chunk, inputs.horizon, inputs.pad_id, inputs.topk).to(device)
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        last = j == len(micro) - 1
+        sync = accelerator.no_sync(model) if accelerator is not None and not last else nullcontext()
+        autocast = accelerator.autocast() if accelerator is not None else nullcontext()
+        with sync, autocast:
+            loss, parts, token_batch = _micro_batch_loss(model, chunk, batch, inputs, seen_gold)
+            if inputs.sample_reduction == "mean":
+                loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
+            check_finite(loss, step, batch)
+            (accelerator.backward if accelerator is not None else torch.Tensor.backward)(loss)
+        valid = batch.mask > 0
+        gap_sum += float((token_batch.student_logprobs.detach() - batch.behavior_logprobs)[valid].abs().sum())
+        loss_sum += loss.item()
+        tokens += int(batch.attention_mask.sum())
+        response_tokens += batch.num_tokens
+        for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
+            if k != "tokens":
+                totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
+    out = {**totals, "loss": loss_sum, "tokens": tokens, "response_tokens": response_tokens}
+    if inputs.ratio_to_sampler:
+        out["sampler_logprob_gap"] = gap_sum / max(1, response_tokens)
+    return out
+
+
+def _micro_batch_loss(model, chunk: list[dict], batch, inputs: UpdateInputs, seen_gold: set[str]):
+    """The objective's loss and metrics on one collated micro-batch (with its TokenBatch)."""
+    token_batch = student_token_batch(
+        model, batch, needs_topk=inputs.objective.needs_topk, chunk_size=inputs.chunk_size
+    )
+    if inputs.ratio_to_sampler:
+        token_batch = dataclasses.replace(token_batch, old_logprobs=token_batch.behavior_logprobs)
+    if inputs.gold is not None:
+        gold_rows = inputs.gold.rows_for(chunk, seen_gold)
+        token_batch = with_gold(token_batch, model, gold_rows, inputs.pad_id, inputs.chunk_size)
+    loss, parts = inputs.objective(token_batch)
+    if inputs.ref_kl_coef > 0:
+        ref_rows = [{**r, "teacher_logprobs": r["ref_logprobs"]} for r in chunk]  # collate places it
+        ref = collate(ref_rows, inputs.horizon, inputs.pad_id).teacher_logprobs
+        kl = on_policy_reference_kl(
+            token_batch.student_logprobs, ref.to(batch.mask.device), batch.mask, inputs.sample_reduction
+        )
+        loss = loss + inputs.ref_kl_coef * kl
+        parts = {**parts, "ref_kl": kl.item()}
+    return loss, parts, token_batch
+
+
+def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, step: int) -> dict:
+    """Clip, refuse a non-finite norm (``step`` is 0-based), step the optimizer and scheduler, zero."""
+    if accelerator is not None:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        raise TrainingError(
+            f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
+        )
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+
+
+def make_optimizer(model, flags):
+    """AdamW with the flags' betas and weight decay, and a constant learning rate (as in the paper)."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=flags.lr, betas=(flags.beta1, flags.beta2), weight_decay=flags.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
