@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightning_opd.store.arrow import rows_to_table
 from lightning_opd.store.reader import open_store
-from lightning_opd.store.writer import StoreWriter, rows_to_table
+from lightning_opd.store.writer import StoreWriter
 from storage_schemas import logprob_store_v1 as fmt
 
 VOCAB = 150_000

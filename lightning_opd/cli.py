@@ -13,7 +13,7 @@ import sys
 from lightning_opd.config import add_dataclass_args, config_from_args
 from lightning_opd.errors import LopdError
 
-# sub-command -> (module in pipelines/, config class, one-line help)
+# sub-command -> (module with run(config), config class, one-line help); `store` has its own table
 JOBS = {
     "sft": ("pipelines.sft", "SFTJobConfig", "stage 0: teacher-consistent SFT of the student"),
     "eval": ("pipelines.evaluate", "EvalJobConfig", "greedy accuracy and pass@k of a model on a prompt set"),
@@ -40,6 +40,12 @@ JOBS = {
         "run the method family on one SFT student and one store; results.csv + plot",
     ),
     "demo": ("pipelines.demo", "DemoConfig", "the whole pipeline on the embedded toy task"),
+    "teacher-consistency": (
+        "pipelines.teacher_consistency",
+        "ConsistencyConfig",
+        "toy finding: distil the demo's SFT student from its SFT teacher and from a second teacher",
+    ),
+    "plot-runs": ("lightning_opd.plots", "RunPlotsConfig", "PNG figures of one or more training runs"),
 }
 
 

@@ -111,21 +111,31 @@ def add_dataclass_args(parser, cls) -> None:
     """One ``--flag`` per field of a flat dataclass config (help from ``field(metadata={"help": ...})``).
 
     The config stays the single source of truth: defaults, types and help text live on the dataclass,
-    the command line only mirrors them.
+    the command line only mirrors them. Field metadata may also say ``positional`` (an argument
+    without ``--``), ``nargs`` (e.g. ``"+"`` for a list) and ``choices``.
     """
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         helptext = f.metadata.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        extra = {k: f.metadata[k] for k in ("nargs", "choices") if k in f.metadata}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=_field_type(f, default), help=helptext, **extra)
+            continue
+        flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
             continue
         kind = _field_type(f, default)
         parser.add_argument(
-            flag, type=kind, default=default, required=required, help=f"{helptext} (default: {default})"
+            flag,
+            type=kind,
+            default=default,
+            required=required,
+            help=f"{helptext} (default: {default})",
+            **extra,
         )
 
 

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_opd.prompts import PromptRecord, encode_prompt
-from lightning_opd.rollout import Rollout, SamplingConfig, make_sampler
-from lightning_opd.toy.task import grade as grade_addition
-
-VERIFIERS: dict[str, Callable[[str, str], float]] = {"addition": grade_addition}
-
-
-def grade_last_number(response: str, reference: str) -> float:
-    """Generic verifier: the last number in the response equals the reference number."""
-    import re
-
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
-    if not numbers:
-        return 0.0
-    try:
-        return float(math.isclose(float(numbers[-1]), float(reference), rel_tol=0, abs_tol=1e-6))
-    except ValueError:
-        return 0.0
-
-
-VERIFIERS["last_number"] = grade_last_number
+from lightning_opd.rollout import Rollout, SamplingConfig
+from lightning_opd.samplers import make_sampler
+from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -62,7 +44,7 @@ def evaluate_model(
     records: list[PromptRecord],
     *,
     model_name: str,
-    verifier: str = "addition",
+    verifier: str = "auto",
     max_new_tokens: int = 64,
     greedy: bool = True,
     samples: int = 0,
@@ -82,6 +64,7 @@ def evaluate_model(
             f"evaluation needs a reference answer for every prompt; {len(missing)} have none (e.g. {missing[0]})"
         )
     answers = {r.prompt_id: r.answer for r in records}
+    verifier = resolve_verifier(verifier, records)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     keys = [r.prompt_id for r in records]
     greedy_acc, lengths, truncated = None, [], []

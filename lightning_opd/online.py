@@ -24,9 +24,9 @@ import numpy as np
 from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
-from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.prompts import PromptRecord, encode_prompt
 from lightning_opd.rollout import Rollout, SamplingConfig, TransformersSampler
+from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 # ----------------------------------------------------------------------------------------------
 # Which prompts a step uses
@@ -133,7 +133,7 @@ def evaluate_greedy(
     sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     prompt_ids = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     rollouts = sample_rollouts(model, tokenizer, prompt_ids, [r.prompt_id for r in records], sampling)
-    scores = grade(rollouts, {r.prompt_id: r.answer for r in records}, verifier)
+    scores = grade(rollouts, {r.prompt_id: r.answer for r in records}, resolve_verifier(verifier, records))
     diag = rollout_diagnostics(rollouts)
     return {
         "accuracy": float(np.mean(scores)),

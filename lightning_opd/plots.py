@@ -1,7 +1,8 @@
 """Plots of stores and training runs, shared by the notebooks and the command line.
 
-    lopd store plot STORE_DIR --out DIR                          store figures (PNG)
-    python -m lightning_opd.plots runs RUN_DIR [RUN_DIR ...] --out DIR   training-run figures (PNG)
+    lopd store plot STORE_DIR --out DIR                 store figures (PNG)
+    lopd plot-runs RUN_DIR [RUN_DIR ...] --out DIR      training-run figures (PNG)
+    (also: python -m lightning_opd.plots store|runs ...)
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot): no GUI backend and no global
 figure state, so the same functions work in a headless job, a test and a notebook (which shows the
@@ -15,9 +16,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_opd.config import add_dataclass_args, config_from_args
 from lightning_opd.errors import InputError, LopdError
 
 METRICS_FILE = "metrics.jsonl"
@@ -291,36 +294,6 @@ def run_figures(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Pa
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_opd.plots", description=__doc__.splitlines()[0]
-    )
-    sub = parser.add_subparsers(dest="what", required=True)
-    store = sub.add_parser("store", help="figures of one store")
-    store.add_argument("store")
-    store.add_argument("--out", required=True)
-    store.add_argument("--bucket", type=int, default=None)
-    runs = sub.add_parser("runs", help="figures of one or more training runs")
-    runs.add_argument("runs", nargs="+")
-    runs.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    try:
-        if args.what == "store":
-            paths = store_figures(args.store, args.out, bucket=args.bucket)
-        else:
-            paths = run_figures(args.runs, args.out)
-    except LopdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in paths.values():
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def write_benchmark(
     out_dir: str | Path,
     name: str,
@@ -364,3 +337,51 @@ def write_benchmark(
     if len(ys) > 1 or kind == "line":
         ax.legend()
     return csv_path, save_figure(fig, out, name)
+
+
+@dataclass
+class StorePlotsConfig:
+    store: str = field(metadata={"help": "store directory", "positional": True})
+    out: str = field(metadata={"help": "directory for the PNG files"})
+    bucket: int | None = field(default=None, metadata={"help": "positions per bucket (default: horizon/16)"})
+
+
+@dataclass
+class RunPlotsConfig:
+    runs: list[str] = field(metadata={"help": "training run directories", "positional": True, "nargs": "+"})
+    out: str = field(metadata={"help": "directory for the PNG files"})
+
+
+def run(config: RunPlotsConfig, log=print) -> dict[str, Path]:
+    """``lopd plot-runs``: training-run figures (PNG), one path printed per figure."""
+    paths = run_figures(config.runs, config.out)
+    for path in paths.values():
+        log(str(path))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_opd.plots", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    add_dataclass_args(sub.add_parser("store", help="figures of one store"), StorePlotsConfig)
+    add_dataclass_args(sub.add_parser("runs", help="figures of one or more training runs"), RunPlotsConfig)
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "store":
+            config = config_from_args(StorePlotsConfig, args)
+            paths = store_figures(config.store, config.out, bucket=config.bucket)
+        else:
+            config = config_from_args(RunPlotsConfig, args)
+            paths = run_figures(config.runs, config.out)
+    except LopdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,17 +26,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from lightning_opd.config import check
-from lightning_opd.errors import ConfigError, InputError
+from lightning_opd.errors import InputError
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -92,9 +90,7 @@ class Rollout:
     sample_index: int
     prompt_ids: list[int]
     response_ids: list[int]  # includes the EOS token when finish_reason == "stop"
-    behavior_logprobs: list[
-        float
-    ]  # one per response token, see storage_schemas' BEHAVIOR_LOGPROBS_DISTRIBUTION
+    behavior_logprobs: list[float]  # one per response token: raw log-probs (see the module docstring)
     finish_reason: str  # "stop" | "length"
     response_text: str  # decoded without special tokens; for reading and grading only
 
@@ -384,59 +380,3 @@ def _bare_generation_defaults(model):
         yield
     finally:
         model.generation_config = saved
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing a backend
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_backend(backend: str, model_is_directory: bool) -> str:
-    """ "auto" means vLLM when it is installed and we were given a directory it can load."""
-    if backend == "auto":
-        return "vllm" if vllm_available() and model_is_directory else "transformers"
-    if backend == "vllm":
-        if not vllm_available():
-            raise ConfigError(
-                "backend 'vllm' asked for but vLLM is not installed; pip install vllm (or run "
-                "bash .ci/vllm_env.sh), or use backend 'transformers'"
-            )
-        if not model_is_directory:
-            raise ConfigError(
-                "backend 'vllm' loads the model itself: pass the model directory, not a model object"
-            )
-    return backend
-
-
-def make_sampler(
-    model_dir_or_model: str | Path | Any,
-    config: SamplingConfig,
-    device: str = "auto",
-    *,
-    tokenizer=None,
-    engine: Any = None,
-) -> Sampler:
-    """A sampler for a model directory (or an already loaded transformers model plus ``tokenizer``).
-
-    ``engine`` is a ``lightning_opd.vllm_backend.VLLMEngineConfig`` for the vLLM backend (vLLM picks
-    its own device; ``device`` is for transformers). The vLLM engine starts worker processes: a
-    script that uses it needs the ``if __name__ == "__main__":`` guard.
-    """
-    is_dir = isinstance(model_dir_or_model, (str, Path))
-    backend = resolve_backend(config.backend, is_dir)
-    if backend == "vllm":
-        from lightning_opd.vllm_backend import VLLMSampler
-
-        return VLLMSampler(model_dir_or_model, config, engine=engine)
-    if is_dir:
-        from lightning_opd.modeling import load_causal_lm
-
-        model, loaded_tokenizer = load_causal_lm(model_dir_or_model, dtype=config.dtype, device=device)
-        return TransformersSampler(model, tokenizer or loaded_tokenizer, config, model.device)
-    if tokenizer is None:
-        raise ConfigError("make_sampler was given a model object without its tokenizer; pass tokenizer=...")
-    # "auto" keeps a loaded model where the caller put it.
-    return TransformersSampler(model_dir_or_model, tokenizer, config, None if device == "auto" else device)

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_opd.config import check, write_json_atomic
-from lightning_opd.evaluation import VERIFIERS, EvalResult, evaluate_model, format_table
-from lightning_opd.modeling import load_causal_lm
+from lightning_opd.evaluation import EvalResult, evaluate_model, format_table
+from lightning_opd.modeling import check_model_dir, load_causal_lm, load_tokenizer
 from lightning_opd.prompts import load_prompts
+from lightning_opd.samplers import resolve_backend
+from lightning_opd.verifiers import check_verifier
 
 
 @dataclass
@@ -22,7 +24,12 @@ class EvalJobConfig:
     out: str = field(default="", metadata={"help": "JSON file for the results (default: none)"})
     name: str = field(default="", metadata={"help": "row label (default: the model path)"})
     prompt_field: str = "prompt"
-    verifier: str = "addition"
+    verifier: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (addition for the toy's a+b= prompts, else math) | math | last_number | addition"
+        },
+    )
     limit: int = 0
     max_new_tokens: int = 64
     greedy: bool = True
@@ -38,15 +45,18 @@ class EvalJobConfig:
     chat_template: str = "auto"
 
     def __post_init__(self):
-        check(
-            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
-        )
+        check_verifier(self.verifier)
         check(self.greedy or self.samples > 0, "nothing to evaluate: pass --greedy or --samples N")
         check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
 
 
 def run(config: EvalJobConfig, log=print) -> EvalResult:
-    model, tokenizer = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
+    # The backend is chosen before anything is loaded: vLLM loads the model itself, from the directory.
+    backend = resolve_backend(config.backend, model_is_directory=True)
+    if backend == "vllm":
+        model, tokenizer = str(check_model_dir(config.model)), load_tokenizer(config.model)
+    else:
+        model, tokenizer = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
     records = load_prompts(config.prompts, prompt_field=config.prompt_field, limit=config.limit or None)
     result = evaluate_model(
         model,
@@ -62,7 +72,7 @@ def run(config: EvalJobConfig, log=print) -> EvalResult:
         top_p=config.top_p,
         batch_size=config.batch_size,
         seed=config.seed,
-        backend=config.backend,
+        backend=backend,
         chat_template=config.chat_template,
     )
     log(format_table([result]))

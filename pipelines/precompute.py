@@ -28,7 +28,6 @@ from transformers import AutoConfig
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import InputError, StoreError
-from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
     check_same_tokenizer,
@@ -39,11 +38,12 @@ from lightning_opd.modeling import (
     resolve_dtype,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.rollout import SamplingConfig, make_sampler
+from lightning_opd.rollout import SamplingConfig
+from lightning_opd.samplers import make_sampler
 from lightning_opd.store import StoreWriter, open_store
-from lightning_opd.store.reader import read_part
+from lightning_opd.store.reader import read_part, read_saved_header
 from lightning_opd.store.registry import check_not_duplicate, register
-from lightning_opd.store.writer import read_saved_header
+from lightning_opd.verifiers import VERIFIERS, check_verifier, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     ROLLOUTS_SUBDIR,
     TOPK_TAIL_TREATMENTS,
@@ -61,7 +61,10 @@ class RolloutConfig:
     prompt_field: str = "prompt"
     chat_template: str = "auto"
     verifier: str = field(
-        default="addition", metadata={"help": "grades responses into `reward` when answers exist"}
+        default="auto",
+        metadata={
+            "help": "grades responses into `reward` when answers exist: auto (addition for the toy's a+b= prompts, else math) | math | last_number | addition"
+        },
     )
     n: int = field(default=1, metadata={"help": "rollouts per prompt"})
     temperature: float = 0.7
@@ -93,9 +96,7 @@ class RolloutConfig:
             0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
-        check(
-            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
-        )
+        check_verifier(self.verifier)
 
 
 @dataclass
@@ -315,7 +316,7 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
         f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})"
     )
     answers = {r.prompt_id: r.answer for r in records}
-    grade = VERIFIERS[config.verifier]
+    grade = VERIFIERS[resolve_verifier(config.verifier, records)]
     bar = tqdm(todo, desc="rollout parts", unit="part")
     throughput = TokenRate()
     for part in bar:

@@ -20,8 +20,10 @@ from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
 from lightning_opd.prompts import encode_prompt, load_prompts
 from lightning_opd.provenance import Provenance, write_provenance
-from lightning_opd.rollout import SamplingConfig, make_sampler
+from lightning_opd.rollout import SamplingConfig
+from lightning_opd.samplers import make_sampler
 from lightning_opd.sft import SFTExample, SFTTrainConfig, train_sft
+from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 
 @dataclass
@@ -38,7 +40,12 @@ class SFTJobConfig:
     keep_correct_only: bool = field(
         default=False, metadata={"help": "drop teacher answers the verifier rejects"}
     )
-    verifier: str = "addition"
+    verifier: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (addition for the toy's a+b= prompts, else math) | math | last_number | addition"
+        },
+    )
     keep_truncated: bool = field(
         default=False,
         metadata={"help": "also train on answers cut at --max-new-tokens (off: they teach rambling)"},
@@ -98,15 +105,10 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
     rollouts = sampler.sample(prompt_ids, [r.prompt_id for r in records], config.seed)
     sampler.close()
     answers = {r.prompt_id: r.answer for r in records}
-    from lightning_opd.evaluation import VERIFIERS
-
+    grade = VERIFIERS[resolve_verifier(config.verifier, records)]
     rows = []
     for r in rollouts:
-        correct = (
-            None
-            if answers[r.prompt_id] is None
-            else VERIFIERS[config.verifier](r.response_text, answers[r.prompt_id])
-        )
+        correct = None if answers[r.prompt_id] is None else grade(r.response_text, answers[r.prompt_id])
         rows.append(
             {
                 "prompt_id": r.prompt_id,

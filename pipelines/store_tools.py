@@ -29,36 +29,135 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_opd.config import add_dataclass_args, config_from_args
 from lightning_opd.errors import LopdError
 from lightning_opd.store import registry, tools
+from lightning_opd.store.reader import read_saved_header
 from lightning_opd.store.summary import format_position_stats, position_stats, summarize_store
 from lightning_opd.store.verify import verify_store, verify_summary
-from lightning_opd.store.writer import StoreWriter, read_saved_header
+from lightning_opd.store.writer import StoreWriter
 from storage_schemas import logprob_store_v1 as fmt
 
+REQUIRED = object()  # the default of a required --flag
 
-def run_inspect(args: argparse.Namespace) -> int:
-    if args.positions:
-        rows = position_stats(args.store, args.bucket)
-        print(json.dumps(rows, indent=2) if args.json else format_position_stats(rows))
+
+def _arg(helptext: str, **extra):
+    """A positional argument (``extra`` may give nargs)."""
+    return field(metadata={"help": helptext, "positional": True, **extra})
+
+
+def _opt(helptext: str, default=None, **extra):
+    """A ``--flag``; ``REQUIRED`` as the default makes it required."""
+    if default is REQUIRED:
+        return field(metadata={"help": helptext, **extra})
+    return field(default=default, metadata={"help": helptext, **extra})
+
+
+CACHE_HELP = f"store index directory (default ${registry.CACHE_ENV} or {registry.DEFAULT_CACHE_DIR})"
+DUPLICATE_HELP = "write even if a store with the same content id exists"
+
+
+@dataclass
+class InspectConfig:
+    store: str = _arg("store directory")
+    json: bool = _opt("print JSON instead of a table", False)
+    positions: bool = _opt("per-position statistics (reads the log-prob columns)", False)
+    bucket: int | None = _opt("positions per bucket with --positions (default: horizon/16)")
+
+
+@dataclass
+class VerifyConfig:
+    store: str = _arg("store directory")
+    quick: bool = _opt("skip the per-row scan (checksums still checked)", False)
+    json: bool = _opt("print JSON instead of text", False)
+
+
+@dataclass
+class FinalizeConfig:
+    store: str = _arg("store directory")
+    num_shards: int | None = _opt("number of precompute workers (names the ones to rerun)")
+
+
+@dataclass
+class FilterConfig:
+    store: str = _arg("source store directory")
+    out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
+    finish_reasons: list[str] | None = _opt(f"keep only these finish reasons {fmt.FINISH_REASONS}", nargs="+")
+    min_length: int = _opt("keep responses of at least N tokens", 0)
+    max_length: int | None = _opt("keep responses of at most N tokens")
+    min_reward: float | None = _opt("keep rows with reward >= R (null dropped)")
+    drop_truncated: bool = _opt("drop rollouts cut at the horizon", False)
+    drop_repetitive: bool = _opt("drop repetitive rollouts (needs text)", False)
+    drop_empty: bool = _opt("drop empty responses", False)
+    cache: str | None = _opt(CACHE_HELP)
+    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
+
+
+@dataclass
+class MergeConfig:
+    stores: list[str] = _arg("source store directories (at least two)", nargs="+")
+    out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
+    cache: str | None = _opt(CACHE_HELP)
+    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
+
+
+@dataclass
+class ExportConfig:
+    store: str = _arg("store directory")
+    dst: str = _arg("output directory (must not exist or be empty)")
+    to: str = _opt("hf: datasets dir; parquet: plain files", REQUIRED, choices=tools.EXPORT_FORMATS)
+
+
+@dataclass
+class DiffConfig:
+    a: str = _arg("first store directory")
+    b: str = _arg("second store directory")
+    all: bool = _opt("show equal fields too", False)
+    json: bool = _opt("print JSON instead of a table", False)
+
+
+@dataclass
+class ListConfig:
+    cache: str | None = _opt(CACHE_HELP)
+    json: bool = _opt("print JSON instead of a table", False)
+
+
+@dataclass
+class RegisterConfig:
+    store: str = _arg("store directory")
+    cache: str | None = _opt(CACHE_HELP)
+
+
+@dataclass
+class PlotConfig:
+    store: str = _arg("store directory")
+    out: str = _opt("directory for the PNG files", REQUIRED)
+    bucket: int | None = _opt("positions per bucket (default: horizon/16)")
+
+
+def run_inspect(config: InspectConfig) -> int:
+    if config.positions:
+        rows = position_stats(config.store, config.bucket)
+        print(json.dumps(rows, indent=2) if config.json else format_position_stats(rows))
         return 0
-    if args.json:
-        print(json.dumps(summarize_store(args.store), indent=2))
+    if config.json:
+        print(json.dumps(summarize_store(config.store), indent=2))
     else:
-        summarize_store(args.store, out=sys.stdout)
+        summarize_store(config.store, out=sys.stdout)
     return 0
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    report = verify_store(args.store, deep=not args.quick)
-    print(json.dumps(verify_summary(report), indent=2) if args.json else report.format())
+def run_verify(config: VerifyConfig) -> int:
+    report = verify_store(config.store, deep=not config.quick)
+    print(json.dumps(verify_summary(report), indent=2) if config.json else report.format())
     return 0 if report.ok else 1
 
 
-def run_finalize(args: argparse.Namespace) -> int:
-    root = Path(args.store)
+def run_finalize(config: FinalizeConfig) -> int:
+    root = Path(config.store)
     saved = read_saved_header(root)
     writer = StoreWriter(
         root,
@@ -68,7 +167,7 @@ def run_finalize(args: argparse.Namespace) -> int:
         **_column_options(saved["columns"]),
     )
     # A person running this wants an answer now, not to queue behind active workers.
-    manifest = writer.finalize(num_shards=args.num_shards, wait_s=0)
+    manifest = writer.finalize(num_shards=config.num_shards, wait_s=0)
     print(
         f"finalized {root}: {len(manifest.shards)} shards, {manifest.stats.num_rollouts} rollouts, "
         f"{manifest.stats.num_response_tokens} response tokens, store_id {manifest.store_id[:12]}"
@@ -87,177 +186,97 @@ def _finish_reasons(values: list[str] | None) -> tuple[str, ...]:
     return tuple(r for value in values for r in value.split(",") if r)
 
 
-def run_filter(args: argparse.Namespace) -> int:
+def run_filter(config: FilterConfig) -> int:
     spec = tools.FilterSpec(
-        finish_reasons=_finish_reasons(args.finish_reasons),
-        min_length=args.min_length,
-        max_length=args.max_length,
-        min_reward=args.min_reward,
-        drop_truncated=args.drop_truncated,
-        drop_repetitive=args.drop_repetitive,
-        drop_empty=args.drop_empty,
+        finish_reasons=_finish_reasons(config.finish_reasons),
+        min_length=config.min_length,
+        max_length=config.max_length,
+        min_reward=config.min_reward,
+        drop_truncated=config.drop_truncated,
+        drop_repetitive=config.drop_repetitive,
+        drop_empty=config.drop_empty,
     )
-    tools.filter_store(args.store, args.out, spec, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
+    tools.filter_store(
+        config.store, config.out, spec, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+    )
     return 0
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    tools.merge_stores(args.stores, args.out, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
+def run_merge(config: MergeConfig) -> int:
+    tools.merge_stores(
+        config.stores, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+    )
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
-    export = tools.export_hf if args.to == "hf" else tools.export_parquet
-    export(args.store, args.dst)
+def run_export(config: ExportConfig) -> int:
+    export = tools.export_hf if config.to == "hf" else tools.export_parquet
+    export(config.store, config.dst)
     return 0
 
 
-def run_diff(args: argparse.Namespace) -> int:
-    rows = tools.diff_stores(args.a, args.b)
-    if args.json:
-        shown = [r for r in rows if args.all or not r.same]
+def run_diff(config: DiffConfig) -> int:
+    rows = tools.diff_stores(config.a, config.b)
+    if config.json:
+        shown = [r for r in rows if config.all or not r.same]
         print(
             json.dumps(
                 [{"field": r.field, "a": r.a, "b": r.b, "identity": r.identity} for r in shown], indent=2
             )
         )
     else:
-        print(tools.format_diff(rows, args.a, args.b, show_all=args.all))
+        print(tools.format_diff(rows, config.a, config.b, show_all=config.all))
     return 0
 
 
-def run_list(args: argparse.Namespace) -> int:
-    entries = registry.list_stores(args.cache)
-    if args.json:
+def run_list(config: ListConfig) -> int:
+    entries = registry.list_stores(config.cache)
+    if config.json:
         print(json.dumps([vars(e) for e in entries], indent=2))
     elif not entries:
-        print(f"no stores registered in {registry.cache_dir_path(args.cache)}")
+        print(f"no stores registered in {registry.cache_dir_path(config.cache)}")
     else:
         print(registry.format_entries(entries))
     return 0
 
 
-def run_register(args: argparse.Namespace) -> int:
-    entry = registry.register(args.store, args.cache)
+def run_register(config: RegisterConfig) -> int:
+    entry = registry.register(config.store, config.cache)
     print(
-        f"registered {entry.path} as store_id {entry.store_id[:12]} in {registry.cache_dir_path(args.cache)}"
+        f"registered {entry.path} as store_id {entry.store_id[:12]} in {registry.cache_dir_path(config.cache)}"
     )
     return 0
 
 
-def run_plot(args: argparse.Namespace) -> int:
+def run_plot(config: PlotConfig) -> int:
     from lightning_opd.plots import store_figures  # matplotlib/polars only for this command
 
-    for path in store_figures(args.store, args.out, bucket=args.bucket).values():
+    for path in store_figures(config.store, config.out, bucket=config.bucket).values():
         print(path)
     return 0
 
 
-def _add_cache_options(parser: argparse.ArgumentParser, *, duplicate: bool) -> None:
-    parser.add_argument(
-        "--cache",
-        default=None,
-        help=f"store index directory (default ${registry.CACHE_ENV} or {registry.DEFAULT_CACHE_DIR})",
-    )
-    if duplicate:
-        parser.add_argument(
-            "--allow-duplicate",
-            action="store_true",
-            help="write even if a store with the same content id exists",
-        )
+# sub-command -> (config, run, one-line help); each run returns the exit status.
+COMMANDS = {
+    "inspect": (InspectConfig, run_inspect, "print a store's identity and statistics"),
+    "verify": (VerifyConfig, run_verify, "check a store's shards and rows; exit 1 on problems"),
+    "finalize": (FinalizeConfig, run_finalize, "commit all workers' parts into the manifest"),
+    "filter": (FilterConfig, run_filter, "write a new store of the rollouts that pass a filter"),
+    "merge": (MergeConfig, run_merge, "write a new store from several compatible scored stores"),
+    "export": (ExportConfig, run_export, "export a store for other tools"),
+    "diff": (DiffConfig, run_diff, "what differs between two stores' manifests"),
+    "list": (ListConfig, run_list, "stores in the index (content id -> path)"),
+    "register": (RegisterConfig, run_register, "add a finalized store to the index"),
+    "plot": (PlotConfig, run_plot, "PNG figures of a store"),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the store sub-commands (each sets ``func=run_*``, which returns the exit status)."""
-    inspect = subparsers.add_parser("inspect", help="print a store's identity and statistics")
-    inspect.add_argument("store", help="store directory")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    inspect.add_argument(
-        "--positions", action="store_true", help="per-position statistics (reads the log-prob columns)"
-    )
-    inspect.add_argument(
-        "--bucket", type=int, default=None, help="positions per bucket with --positions (default: horizon/16)"
-    )
-    inspect.set_defaults(func=run_inspect)
-
-    verify = subparsers.add_parser("verify", help="check a store's shards and rows; exit 1 on problems")
-    verify.add_argument("store", help="store directory")
-    verify.add_argument(
-        "--quick", action="store_true", help="skip the per-row scan (checksums still checked)"
-    )
-    verify.add_argument("--json", action="store_true", help="print JSON instead of text")
-    verify.set_defaults(func=run_verify)
-
-    finalize = subparsers.add_parser("finalize", help="commit all workers' parts into the manifest")
-    finalize.add_argument("store", help="store directory")
-    finalize.add_argument(
-        "--num-shards", type=int, default=None, help="number of precompute workers (names the ones to rerun)"
-    )
-    finalize.set_defaults(func=run_finalize)
-
-    _register_derived(subparsers)
-    _register_index(subparsers)
-
-
-def _register_derived(subparsers: argparse._SubParsersAction) -> None:
-    filt = subparsers.add_parser("filter", help="write a new store of the rollouts that pass a filter")
-    filt.add_argument("store", help="source store directory")
-    filt.add_argument("--out", required=True, help="new store directory (must not exist or be empty)")
-    filt.add_argument(
-        "--finish-reasons",
-        nargs="+",
-        default=None,
-        help=f"keep only these finish reasons {fmt.FINISH_REASONS}",
-    )
-    filt.add_argument("--min-length", type=int, default=0, help="keep responses of at least N tokens")
-    filt.add_argument("--max-length", type=int, default=None, help="keep responses of at most N tokens")
-    filt.add_argument(
-        "--min-reward", type=float, default=None, help="keep rows with reward >= R (null dropped)"
-    )
-    filt.add_argument("--drop-truncated", action="store_true", help="drop rollouts cut at the horizon")
-    filt.add_argument("--drop-repetitive", action="store_true", help="drop repetitive rollouts (needs text)")
-    filt.add_argument("--drop-empty", action="store_true", help="drop empty responses")
-    _add_cache_options(filt, duplicate=True)
-    filt.set_defaults(func=run_filter)
-
-    merge = subparsers.add_parser("merge", help="write a new store from several compatible scored stores")
-    merge.add_argument("stores", nargs="+", help="source store directories (at least two)")
-    merge.add_argument("--out", required=True, help="new store directory (must not exist or be empty)")
-    _add_cache_options(merge, duplicate=True)
-    merge.set_defaults(func=run_merge)
-
-    export = subparsers.add_parser("export", help="export a store for other tools")
-    export.add_argument("store", help="store directory")
-    export.add_argument(
-        "--to", required=True, choices=tools.EXPORT_FORMATS, help="hf: datasets dir; parquet: plain files"
-    )
-    export.add_argument("dst", help="output directory (must not exist or be empty)")
-    export.set_defaults(func=run_export)
-
-    diff = subparsers.add_parser("diff", help="what differs between two stores' manifests")
-    diff.add_argument("a", help="first store directory")
-    diff.add_argument("b", help="second store directory")
-    diff.add_argument("--all", action="store_true", help="show equal fields too")
-    diff.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    diff.set_defaults(func=run_diff)
-
-
-def _register_index(subparsers: argparse._SubParsersAction) -> None:
-    listing = subparsers.add_parser("list", help="stores in the index (content id -> path)")
-    _add_cache_options(listing, duplicate=False)
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(func=run_list)
-
-    reg = subparsers.add_parser("register", help="add a finalized store to the index")
-    reg.add_argument("store", help="store directory")
-    _add_cache_options(reg, duplicate=False)
-    reg.set_defaults(func=run_register)
-
-    plot = subparsers.add_parser("plot", help="PNG figures of a store")
-    plot.add_argument("store", help="store directory")
-    plot.add_argument("--out", required=True, help="directory for the PNG files")
-    plot.add_argument("--bucket", type=int, default=None, help="positions per bucket (default: horizon/16)")
-    plot.set_defaults(func=run_plot)
+    """Add the store sub-commands, flags generated from their configs (``func`` returns the exit status)."""
+    for name, (config_cls, run, helptext) in COMMANDS.items():
+        parser = subparsers.add_parser(name, help=helptext, description=helptext)
+        add_dataclass_args(parser, config_cls)
+        parser.set_defaults(func=lambda args, c=config_cls, r=run: r(config_from_args(c, args)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Teacher consistency at toy scale: a student SFT'd on teacher A, distilled from A and from B.
 
-    .venv/bin/python -m pipelines.teacher_consistency          # after `make demo`; trains teacher B once
+    lopd teacher-consistency [--demo runs/demo] [--out runs/consistency]   # after `make demo`; trains teacher B once
 
 Teacher B is a second toy teacher (same recipe, seed 1). For each teacher: stage one on the demo's SFT
 student (B needs --allow-inconsistent-teacher), offline training with the top-k and the sampled-token
@@ -10,8 +10,8 @@ Writes ``runs/consistency/results.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_opd.evaluation import evaluate_model
@@ -30,12 +30,14 @@ def accuracy(model_dir: Path, eval_prompts: Path) -> float:
     ).greedy_accuracy
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo", default="runs/demo", help="a finished `lopd demo` workdir")
-    ap.add_argument("--out", default="runs/consistency")
-    args = ap.parse_args()
-    demo, out = Path(args.demo), Path(args.out)
+@dataclass
+class ConsistencyConfig:
+    demo: str = field(default="runs/demo", metadata={"help": "a finished `lopd demo` workdir"})
+    out: str = field(default="runs/consistency", metadata={"help": "output directory"})
+
+
+def run(config: ConsistencyConfig, log=print) -> None:
+    demo, out = Path(config.demo), Path(config.out)
     student, prompts, eval_prompts = (
         demo / "sft",
         demo / "prompts" / "opd.jsonl",
@@ -65,12 +67,12 @@ def main() -> None:
                 )
             )
         for objective in ("topk", "lightning"):
-            run = out / f"offline-{objective}-{tag}"
+            run_dir = out / f"offline-{objective}-{tag}"
             train.run(
                 train.TrainConfig(
                     student=str(student),
                     stores=str(store),
-                    out=str(run),
+                    out=str(run_dir),
                     objective=objective,
                     steps=STEPS,
                     batch_size=BATCH,
@@ -81,14 +83,14 @@ def main() -> None:
                     resume="never",
                 )
             )
-            results[f"offline {objective}, teacher {name}"] = accuracy(run / "final", eval_prompts)
-        run = out / f"online-{tag}"
+            results[f"offline {objective}, teacher {name}"] = accuracy(run_dir / "final", eval_prompts)
+        run_dir = out / f"online-{tag}"
         train_online.run(
             train_online.OnlineConfig(
                 student=str(student),
                 teacher=str(teacher),
                 prompts=str(prompts),
-                out=str(run),
+                out=str(run_dir),
                 steps=STEPS,
                 prompts_per_step=16,
                 n=4,
@@ -100,11 +102,15 @@ def main() -> None:
                 overwrite=True,
             )
         )
-        results[f"online lightning, teacher {name}"] = accuracy(run / "final", eval_prompts)
+        results[f"online lightning, teacher {name}"] = accuracy(run_dir / "final", eval_prompts)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    log(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lightning_opd.cli import main
+
+    sys.exit(main(["teacher-consistency", *sys.argv[1:]]))

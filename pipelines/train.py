@@ -30,18 +30,9 @@ from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.horizons import check_horizon, horizon_at
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts, prompt_set_hash
+from lightning_opd.stage2 import runs
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
-from lightning_opd.stage2.runs import (
-    MetricsLog,
-    due,
-    find_checkpoint,
-    format_status,
-    restore_checkpoint,
-    save_checkpoint,
-    timer,
-    write_final_model,
-)
 from lightning_opd.stage2.step import (
     UpdateInputs,
     accumulate_gradients,
@@ -155,21 +146,16 @@ def run(config: TrainConfig, log=print) -> Path:
     stream = RolloutStream(
         stores, weights, shuffle_buffer=config.shuffle_buffer, seed=config.seed, row_filter=row_filter
     )
-    start_step, run_id = 0, config.run_id()
-    checkpoint = find_checkpoint(config)
-    if checkpoint is not None:
-        state = restore_checkpoint(accelerator, checkpoint, run_id)
+    run_id = config.run_id()
+    start_step, state = runs.resume(accelerator, config, run_id, log, "stage 2")
+    if state is not None:
         stream.load_state_dict(state["stream"])
-        start_step = int(state["step"])
-        log(f"stage 2: resumed from {checkpoint} at step {start_step}")
     metrics = (
-        MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
+        runs.MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
         if accelerator.is_main_process
         else None
     )
-    eval_records = (
-        load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
-    )
+    eval_prompts = runs.eval_records(config)
     world = accelerator.num_processes
     if config.batch_size % world:
         raise ConfigError(
@@ -181,22 +167,22 @@ def run(config: TrainConfig, log=print) -> Path:
     log(
         f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded"
     )
-    started = timer()
+    started = runs.timer()
     for step in range(start_step, config.steps):
         row = offline_step(
             accelerator, model, optimizer, scheduler, stream, inputs, config, step, store_horizon
         )
-        row["elapsed_s"] = timer() - started
-        if eval_records and due(config.eval_every, step + 1, config.steps):
+        row["elapsed_s"] = runs.timer() - started
+        if eval_prompts and runs.due(config.eval_every, step + 1, config.steps):
             row["eval_accuracy"] = evaluate(
-                accelerator, model, tokenizer, eval_records, config, store_horizon
+                accelerator, model, tokenizer, eval_prompts, config, store_horizon
             )
         if metrics is not None:
             metrics.write(row)
-            if due(config.log_every, step + 1, config.steps):
-                log(format_status(row))
+            if runs.due(config.log_every, step + 1, config.steps):
+                log(runs.format_status(row))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            save_checkpoint(accelerator, out, step + 1, stream, run_id, config.keep_checkpoints)
+            runs.save_checkpoint(accelerator, out, step + 1, stream, run_id, config.keep_checkpoints)
     if metrics is not None:
         metrics.close()
     return save_final(accelerator, model, tokenizer, config, stores, out, log)
@@ -206,7 +192,7 @@ def offline_step(
     accelerator, model, optimizer, scheduler, stream, inputs: UpdateInputs, config, step: int, store_horizon
 ) -> dict:
     """One optimizer step on the next ``batch_size`` stored rollouts (0-based ``step``)."""
-    t0 = timer()
+    t0 = runs.timer()
     inputs.horizon = horizon_at(config.horizon_config(), step, store_horizon)
     rank, world = accelerator.process_index, accelerator.num_processes
     # Every rank reads the same global batch and keeps its own slice: no sampler state to sync.
@@ -214,7 +200,7 @@ def offline_step(
     rows = global_rows[rank::world]
     stats = accumulate_gradients(model, rows, inputs, step=step + 1, accelerator=accelerator)
     update = apply_update(accelerator, model, optimizer, scheduler, config.grad_clip, step)
-    elapsed = timer() - t0
+    elapsed = runs.timer() - t0
     tokens, response_tokens = stats.pop("tokens"), stats.pop("response_tokens")
     return {
         **stats,
@@ -257,7 +243,7 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: 
             for s in stores
         ]
         inputs = {**_gold_input(config), "stores": stores_input}
-        write_final_model(
+        runs.write_final_model(
             accelerator, model, tokenizer, final, stage="lightning_opd", config=config, inputs=inputs
         )
         log(f"stage 2: trained student saved to {final}")

@@ -54,9 +54,9 @@ from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.runs import (
     MetricsLog,
     due,
-    find_checkpoint,
+    eval_records,
     format_status,
-    restore_checkpoint,
+    resume,
     save_checkpoint,
     timer,
     write_final_model,
@@ -69,6 +69,7 @@ from lightning_opd.stage2.step import (
     update_inputs,
 )
 from lightning_opd.store import StoreWriter
+from lightning_opd.verifiers import resolve_verifier
 from storage_schemas.logprob_store_v1 import prompt_set_section, sampling_section
 
 
@@ -230,20 +231,14 @@ def run(config: OnlineConfig, log=print) -> Path:
     model.train()
     optimizer, scheduler = make_optimizer(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start_step, run_id = 0, config.run_id()
-    checkpoint = find_checkpoint(config)
-    if checkpoint is not None:
-        state = restore_checkpoint(accelerator, checkpoint, run_id)
-        start_step = int(state["step"])
-        log(f"online OPD: resumed from {checkpoint} at step {start_step}")
+    run_id = config.run_id()
+    start_step, _ = resume(accelerator, config, run_id, log, "online OPD")
     writer = None
     if config.write_store:
         student_id = model_identity(config.student)
         writer = open_online_store(config, records, student_id, teacher_id, consistency)
     metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
-    eval_records = (
-        load_prompts(config.eval_prompts, limit=config.eval_limit or None) if config.eval_prompts else None
-    )
+    eval_prompts = eval_records(config)
     inputs = update_inputs(
         config,
         objective,
@@ -264,12 +259,12 @@ def run(config: OnlineConfig, log=print) -> Path:
         row = online_step(session, step)
         optimizer_step(accelerator, model, optimizer, scheduler, config, step, row)
         row["elapsed_s"] = timer() - started
-        if eval_records and due(config.eval_every, step + 1, config.steps):
+        if eval_prompts and due(config.eval_every, step + 1, config.steps):
             result = evaluate_greedy(
                 accelerator.unwrap_model(model),
                 tokenizer,
-                eval_records,
-                verifier=config.verifier,
+                eval_prompts,
+                verifier=config.verifier,  # resolved against the eval prompts
                 max_new_tokens=config.max_new_tokens,
                 chat_template=config.chat_template,
             )
@@ -307,6 +302,10 @@ class Session:
     def answers(self) -> dict:
         return {r.prompt_id: r.answer for r in self.records}
 
+    @cached_property
+    def verifier(self) -> str:
+        return resolve_verifier(self.config.verifier, self.records)
+
 
 def online_step(session: Session, step: int) -> dict:
     """Sample with the current student, score with the live teacher (and pi_ref), accumulate gradients."""
@@ -330,7 +329,7 @@ def online_step(session: Session, step: int) -> dict:
     if session.reference is not None:
         ref_scores = score_sequences(session.reference, prompts, responses, **{**score, "topk": 0})
     t3 = timer()
-    rewards = grade(rollouts, session.answers, config.verifier)
+    rewards = grade(rollouts, session.answers, session.verifier)
     rows = rollout_rows(rollouts, teacher_scores, topk=config.topk, ref_scores=ref_scores, rewards=rewards)
     if writer is not None and step not in writer.committed_parts([step], checksum=False):
         writer.write_part(step, [{k: v for k, v in r.items() if k != "ref_logprobs"} for r in rows])

@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from lightning_opd.store import tools  # noqa: E402
 from storage_schemas import logprob_store_v1 as fmt  # noqa: E402
 
 DOC_PATH = ROOT / "docs" / "STORE_FORMAT.md"
@@ -52,14 +51,14 @@ DERIVED = f"""\
 ## Derived stores (`lopd store filter` / `merge`)
 
 A derived store is an ordinary store written through the same writer. Its identity differs from
-its sources: `prompt_set.content_hash` becomes `{tools.DERIVED_HASH_PREFIX}<sha256 of (operation, source
+its sources: `prompt_set.content_hash` becomes `{fmt.DERIVED_HASH_PREFIX}<sha256 of (operation, source
 store ids, parameters)>`, so the store_id is new, and the same command on the same sources gives
-the same id again. How it was derived is recorded in `manifest.extra["{tools.LINEAGE_KEY}"]`: one entry
+the same id again. How it was derived is recorded in `manifest.extra["{fmt.LINEAGE_KEY}"]`: one entry
 per operation with `op`, its parameters, and `sources` (store_id, path, manifest sha256, rows and
 the source's own lineage, nested). A merge also records per source the output `parts` range, the
 `sample_index_offset` applied, and the source's `sampling` and `prompt_set`.
 
-Merge requires equal: {", ".join(f"`{name}`" for name, _ in tools.MERGE_MUST_MATCH)}.
+Merge requires equal: {", ".join(f"`{name}`" for name, _ in fmt.MERGE_MUST_MATCH)}.
 Prompt sets, sampling seed, n and backend may differ (kept per source in the lineage).
 """
 

@@ -15,11 +15,10 @@ from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.rollout import (
     SamplingConfig,
     TransformersSampler,
-    make_sampler,
     nucleus,
     sample_seed,
-    vllm_available,
 )
+from lightning_opd.samplers import make_sampler, vllm_available
 from lightning_opd.vllm_backend import VLLMEngineConfig, _parse_prompt_logprobs
 from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION
 

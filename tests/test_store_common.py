@@ -257,7 +257,7 @@ def test_batch_problems_locate_bad_values():
     rows = make_rows(0)
     rows[3]["teacher_logprobs"] = rows[3]["teacher_logprobs"].copy()
     rows[3]["teacher_logprobs"][2] = np.nan
-    from lightning_opd.store.writer import rows_to_table
+    from lightning_opd.store.arrow import rows_to_table
 
     table = rows_to_table(rows, fmt.store_schema("scored"), None)
     problems = fmt.batch_problems(table, kind="scored", topk=None)

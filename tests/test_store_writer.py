@@ -14,8 +14,10 @@ import pytest
 from test_store_common import make_header, make_rows, read_table, write_store
 
 from lightning_opd.errors import StoreError
+from lightning_opd.store.arrow import rows_to_table
+from lightning_opd.store.files import sha256_file
 from lightning_opd.store.reader import open_store, read_part
-from lightning_opd.store.writer import StoreWriter, rows_to_table, sha256_file
+from lightning_opd.store.writer import StoreWriter
 from pipelines import store_tools
 from storage_schemas import logprob_store_v1 as fmt
 

@@ -311,3 +311,34 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
     assert ours.keys() == theirs.keys()
     for key in ours:
         np.testing.assert_allclose(theirs[key], ours[key], atol=TOLERANCE)
+
+
+def test_eval_runs_on_the_vllm_backend(model_dir, tmp_path):
+    """`lopd eval --backend vllm`: the job hands vLLM the directory (it used to load the model first)."""
+    import json
+
+    from conftest import run_lopd
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"p{i}", "prompt": p, "answer": "0"}) + "\n"
+            for i, p in enumerate(PROMPTS)
+        )
+    )
+    out = tmp_path / "eval.json"
+    run_lopd(
+        "eval",
+        "--model",
+        model_dir,
+        "--prompts",
+        prompts,
+        "--backend",
+        "vllm",
+        "--max-new-tokens",
+        4,
+        "--out",
+        out,
+    )
+    result = json.loads(out.read_text())["result"]
+    assert result["num_prompts"] == len(PROMPTS) and 0.0 <= result["greedy_accuracy"] <= 1.0

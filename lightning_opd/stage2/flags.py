@@ -19,9 +19,9 @@ from typing import ClassVar
 
 from lightning_opd.config import check, to_dict
 from lightning_opd.errors import ConfigError
-from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.horizons import HorizonConfig, horizon_from_flags
 from lightning_opd.objectives import OBJECTIVES, Objective, make_objective
+from lightning_opd.verifiers import check_verifier
 
 # objective name -> {objective option: flag}; the Composite options (ref_kl_coef, gold_nll_coef,
 # ref_kl_estimator) apply to every objective and are passed separately.
@@ -128,7 +128,9 @@ class TrainingFlags:
     eval_prompts: str = _help("prompt set with answers for periodic evaluation", "")
     eval_every: int = 0
     eval_limit: int = 0
-    verifier: str = "addition"
+    verifier: str = _help(
+        "auto (addition for the toy's a+b= prompts, else math) | math | last_number | addition", "auto"
+    )
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -146,9 +148,7 @@ class TrainingFlags:
         check(
             self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
         )
-        check(
-            self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
-        )
+        check_verifier(self.verifier)
         check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         check(self.gold_nll_coef >= 0, f"gold_nll_coef must be >= 0, got {self.gold_nll_coef}")
 

@@ -14,6 +14,7 @@ import torch
 from lightning_opd.config import write_json_atomic
 from lightning_opd.errors import TrainingError
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.prompts import load_prompts
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +61,23 @@ def save_checkpoint(accelerator, out: Path, step: int, stream, run_id: str, keep
         older = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(accelerator, config, run_id: str, log, what: str) -> tuple[int, dict | None]:
+    """``(start step, checkpoint state)``: restored from the checkpoint ``config.resume`` names, if any."""
+    checkpoint = find_checkpoint(config)
+    if checkpoint is None:
+        return 0, None
+    state = restore_checkpoint(accelerator, checkpoint, run_id)
+    log(f"{what}: resumed from {checkpoint} at step {state['step']}")
+    return int(state["step"]), state
+
+
+def eval_records(config) -> list | None:
+    """The prompts of periodic evaluation (``--eval-prompts``, first ``--eval-limit``), or None."""
+    if not config.eval_prompts:
+        return None
+    return load_prompts(config.eval_prompts, limit=config.eval_limit or None)
 
 
 def due(every: int, step: int, steps: int) -> bool:

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightning_opd.config import to_dict
 from lightning_opd.errors import StoreError
+from lightning_opd.store.arrow import batch_to_rows
+from lightning_opd.store.files import read_json, sha256_file
 from storage_schemas import logprob_store_v1 as fmt
 
 DEFAULT_BATCH_SIZE = 64
@@ -169,8 +170,6 @@ def read_part(
     file must match the recorded size (and sha256 unless ``checksum=False``) and carry this store's
     store_uuid. A part is bounded by the part size, so holding one in memory is fine.
     """
-    from lightning_opd.store.writer import read_saved_header, sha256_file
-
     root = Path(root)
     if (root / fmt.MANIFEST_FILE).exists():
         manifest = load_manifest(root)
@@ -215,44 +214,27 @@ def open_store(root: str | Path) -> LogprobStore:
     return LogprobStore(root, manifest)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches -> rows
-# ---------------------------------------------------------------------------------------------
-
-
-def _list_rows(array: pa.ListArray) -> list[np.ndarray | None]:
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False)
-    valid = array.is_valid().to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]].copy() if valid[i] else None for i in range(len(array))]
-
-
-def _nested_rows(array: pa.ListArray, k: int | None) -> list[np.ndarray | None]:
-    outer = array.offsets.to_numpy()
-    inner = array.values
-    inner_offsets = inner.offsets.to_numpy()
-    leaves = inner.values.to_numpy(zero_copy_only=False)
-    valid = array.is_valid().to_numpy(zero_copy_only=False)
-    rows: list[np.ndarray | None] = []
-    for i in range(len(array)):
-        if not valid[i]:
-            rows.append(None)
-            continue
-        start, end = inner_offsets[outer[i]], inner_offsets[outer[i + 1]]
-        positions = outer[i + 1] - outer[i]
-        width = k if k is not None else ((end - start) // positions if positions else 0)
-        rows.append(leaves[start:end].reshape(positions, width).copy())
-    return rows
-
-
-def batch_to_rows(batch: pa.RecordBatch, *, topk: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a record batch: list columns as numpy copies, top-k as [positions, k], the rest as Python."""
-    columns: dict[str, list[Any]] = {}
-    for name, array in zip(batch.schema.names, batch.columns):
-        if pa.types.is_list(array.type) and pa.types.is_list(array.type.value_type):
-            columns[name] = _nested_rows(array, topk)
-        elif pa.types.is_list(array.type):
-            columns[name] = _list_rows(array)
-        else:
-            columns[name] = array.to_pylist()
-    return [{name: values[i] for name, values in columns.items()} for i in range(batch.num_rows)]
+def read_saved_header(root: str | Path) -> dict[str, Any]:
+    """The record of commits/header.json (header, store_uuid, num_parts, columns); the manifest stands in
+    for it in a finalized store whose commits/ directory was not copied."""
+    root = Path(root)
+    saved = read_json(root / fmt.HEADER_FILE)
+    if saved is not None:
+        fmt.check_format_version(saved.get("format_version"), where=str(root))
+        return saved
+    if (root / fmt.MANIFEST_FILE).exists():
+        manifest = load_manifest(root)
+        return {
+            "store_uuid": manifest.store_uuid,
+            "store_id": manifest.store_id,
+            "created_at": manifest.created_at,
+            "format_version": manifest.format_version,
+            "header": manifest.header(),
+            "num_parts": manifest.num_parts,
+            "columns": manifest.columns,
+        }
+    if (root / fmt.HEADER_FILE).exists():
+        raise StoreError(f"{root / fmt.HEADER_FILE} is unreadable; rerun the workers into a new directory")
+    raise StoreError(
+        f"no logprob store at {root} (no {fmt.HEADER_FILE}); check the path or run `lopd rollout`"
+    )

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightning_opd.errors import StoreError
+from lightning_opd.store.files import sha256_file
 from lightning_opd.store.reader import DEFAULT_BATCH_SIZE
-from lightning_opd.store.writer import sha256_file
 from storage_schemas import logprob_store_v1 as fmt
 
 MAX_PROBLEMS_PER_SHARD = 5

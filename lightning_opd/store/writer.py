@@ -19,15 +19,9 @@ mount, so give each shard worker distinct parts (the ``part % num_shards`` schem
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import os
-import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,67 +34,13 @@ import lightning_opd
 from lightning_opd import diagnostics
 from lightning_opd.config import to_dict, write_json_atomic
 from lightning_opd.errors import StoreError
+from lightning_opd.store.arrow import conform_table, rows_to_table
+from lightning_opd.store.files import file_lock, fsync_dir, read_json, sha256_file
+from lightning_opd.store.reader import load_manifest, read_saved_header
 from storage_schemas import logprob_store_v1 as fmt
 
-_HASH_CHUNK = 8 * 1024 * 1024
-LOCK_POLL_S = 0.1
 # Long enough for a concurrent finalize to hash every shard of a large store and write the manifest.
 FINALIZE_WAIT_S = 600.0
-_MAX_LIST_ELEMENTS = 2**31 - 1  # int32 list offsets
-
-
-# ---------------------------------------------------------------------------------------------
-# Small filesystem helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename/creation in ``path`` durable (a file's fsync does not cover its directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def file_lock(
-    path: Path, *, exclusive: bool, blocking: bool, busy_message: str, wait_s: float = 0.0
-) -> Iterator[None]:
-    """Hold an flock on ``path``. Not blocking: retry for ``wait_s`` seconds, then raise StoreError(busy_message)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, flags if blocking else flags | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StoreError(busy_message) from None
-                time.sleep(LOCK_POLL_S)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``, or None when it is missing or unreadable (e.g. a torn marker)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -115,150 +55,6 @@ def _ranges(numbers: list[int]) -> str:
             start = n
         prev = n
     return ", ".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows -> Arrow table
-# ---------------------------------------------------------------------------------------------
-
-
-def _numpy_values(value: Any, dtype: np.dtype, *, column: str, prompt_id: Any, ndim: int) -> np.ndarray:
-    """One row's list value as a numpy array of ``dtype``, refusing ragged input and int32 overflow."""
-    try:
-        array = np.asarray(value)
-    except ValueError as e:  # ragged nested lists
-        raise StoreError(f"{column} of prompt_id={prompt_id!r} is ragged: {e}") from None
-    if array.size == 0:
-        return np.zeros((0,) * ndim, dtype=dtype)  # callers give empty top-k rows their (0, k) shape
-    if array.ndim != ndim or array.dtype == object:
-        raise StoreError(
-            f"{column} of prompt_id={prompt_id!r} must be a {ndim}-d numeric array, got shape {array.shape}"
-        )
-    if np.issubdtype(dtype, np.integer):
-        if not np.issubdtype(array.dtype, np.integer):
-            raise StoreError(f"{column} of prompt_id={prompt_id!r} must hold integers, got {array.dtype}")
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise StoreError(
-                f"{column} of prompt_id={prompt_id!r} holds values outside the {np.dtype(dtype).name} range"
-            )
-    return array.astype(dtype, copy=False)
-
-
-def _list_array(values: list[Any], field: pa.Field, prompt_ids: list[Any]) -> pa.Array:
-    """list<prim> column from per-row sequences (None -> null), built with one concatenate."""
-    dtype = field.type.value_type.to_pandas_dtype()
-    arrays = []
-    mask = np.zeros(len(values), dtype=bool)
-    for i, value in enumerate(values):
-        if value is None:
-            mask[i] = True
-            arrays.append(np.zeros(0, dtype=dtype))
-        else:
-            arrays.append(_numpy_values(value, dtype, column=field.name, prompt_id=prompt_ids[i], ndim=1))
-    return _from_parts(arrays, mask, field.type, field.name)
-
-
-def _nested_list_array(values: list[Any], field: pa.Field, k: int, prompt_ids: list[Any]) -> pa.Array:
-    """list<list<prim>> top-k column from per-row [positions, k] arrays (None -> null)."""
-    dtype = field.type.value_type.value_type.to_pandas_dtype()
-    arrays = []
-    mask = np.zeros(len(values), dtype=bool)
-    for i, value in enumerate(values):
-        if value is None:
-            mask[i] = True
-            arrays.append(np.zeros((0, k), dtype=dtype))
-            continue
-        array = _numpy_values(value, dtype, column=field.name, prompt_id=prompt_ids[i], ndim=2)
-        if array.size == 0:
-            array = np.zeros((0, k), dtype=dtype)
-        if array.shape[1] != k:
-            raise StoreError(
-                f"{field.name} of prompt_id={prompt_ids[i]!r} must have k={k} entries per position, got {array.shape[1]}"
-            )
-        arrays.append(array)
-    positions = [len(a) for a in arrays]
-    inner_type = field.type.value_type
-    total = sum(positions)
-    if total * k > _MAX_LIST_ELEMENTS:
-        raise StoreError(
-            f"{field.name}: a part of {total * k} values is too large; split the prompt set into more parts"
-        )
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype=dtype)
-    inner = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, total * k + 1, k, dtype=np.int32)), pa.array(flat), type=inner_type
-    )
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(positions, out=offsets[1:])
-    return pa.ListArray.from_arrays(
-        pa.array(offsets), inner, type=field.type, mask=pa.array(mask) if mask.any() else None
-    )
-
-
-def _from_parts(arrays: list[np.ndarray], mask: np.ndarray, list_type: pa.DataType, name: str) -> pa.Array:
-    lengths = [len(a) for a in arrays]
-    total = sum(lengths)
-    if total > _MAX_LIST_ELEMENTS:
-        raise StoreError(
-            f"{name}: a part of {total} values is too large; split the prompt set into more parts"
-        )
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=list_type.value_type.to_pandas_dtype())
-    return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(flat), type=list_type, mask=pa.array(mask) if mask.any() else None
-    )
-
-
-def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, topk: int | None) -> pa.Table:
-    """Build a table of exactly ``schema`` from row dicts (lists or numpy arrays as list values)."""
-    names = set(schema.names)
-    nullable = {f.name for f in schema if f.nullable}
-    prompt_ids = []
-    for row in rows:
-        if not isinstance(row, dict):
-            raise StoreError(f"rows must be dicts, got {type(row).__name__}")
-        pid = row.get("prompt_id")
-        # A None for a column this store does not keep carries nothing; anything else would be lost.
-        unknown = sorted(key for key, value in row.items() if key not in names and value is not None)
-        if unknown:
-            raise StoreError(
-                f"row prompt_id={pid!r} has columns {unknown} that this store does not keep; open the "
-                "writer with the matching options (topk / with_reward / with_text) or drop them"
-            )
-        missing = sorted(n for n in names - set(row) if n not in nullable)
-        if missing:
-            raise StoreError(f"row prompt_id={pid!r} lacks required columns {missing}")
-        prompt_ids.append(pid)
-    columns = []
-    for f in schema:
-        values = [row.get(f.name) for row in rows]
-        if pa.types.is_list(f.type) and pa.types.is_list(f.type.value_type):
-            columns.append(_nested_list_array(values, f, topk or 0, prompt_ids))
-        elif pa.types.is_list(f.type):
-            columns.append(_list_array(values, f, prompt_ids))
-        else:
-            try:
-                columns.append(pa.array(values, type=f.type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
-                raise StoreError(f"column {f.name}: {e}") from None
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A caller's table as exactly ``schema`` (column order, types), or a StoreError saying why not."""
-    have, want = set(table.schema.names), set(schema.names)
-    if have != want:
-        raise StoreError(
-            f"table columns differ from the store schema: missing {sorted(want - have)}, unexpected {sorted(have - want)}"
-        )
-    table = table.select(schema.names)
-    if table.schema.equals(schema, check_metadata=False):
-        return table
-    try:
-        return table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, NotImplementedError) as e:
-        raise StoreError(f"table does not fit the store schema: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +186,7 @@ class StoreWriter:
         busy = f"could not lock {self.root / fmt.HEADER_LOCK_FILE}"
         # Blocking: two workers starting together must agree on one store_uuid, not race.
         with file_lock(self.root / fmt.HEADER_LOCK_FILE, exclusive=True, blocking=True, busy_message=busy):
-            saved = _read_json(path)
+            saved = read_json(path)
             if saved is None and (self.root / fmt.MANIFEST_FILE).exists():
                 saved = read_saved_header(self.root)
             if saved is None:
@@ -453,7 +249,7 @@ class StoreWriter:
 
     def _marker(self, part: int, *, checksum: bool) -> dict[str, Any] | None:
         """The part's commit marker when it still describes the file on disk, else None."""
-        marker = _read_json(self.root / fmt.commit_file(part))
+        marker = read_json(self.root / fmt.commit_file(part))
         if marker is None or marker.get("store_uuid") != self.store_uuid:
             return None
         shard = self.root / fmt.shard_file(part)
@@ -472,7 +268,7 @@ class StoreWriter:
         ``checksum=False`` trusts the recorded size (fast; for progress displays).
         """
         if self.is_finalized():
-            manifest = _load_manifest(self.root)
+            manifest = load_manifest(self.root)
             listed = {s.part for s in manifest.shards}
             return listed if parts is None else listed & set(parts)
         wanted = range(self.num_parts) if parts is None else parts
@@ -583,12 +379,12 @@ class StoreWriter:
         the first and then returns the manifest it wrote.
         """
         if self.is_finalized():
-            return _load_manifest(self.root)
+            return load_manifest(self.root)
         busy = f"writers are still active on {self.root} (or another finalize is running); wait for them to finish"
         lock = self.root / fmt.STORE_LOCK_FILE
         with file_lock(lock, exclusive=True, blocking=False, busy_message=busy, wait_s=wait_s):
             if self.is_finalized():
-                return _load_manifest(self.root)
+                return load_manifest(self.root)
             markers = {part: self._marker(part, checksum=True) for part in range(self.num_parts)}
             missing = [part for part, marker in markers.items() if marker is None]
             if missing:
@@ -641,36 +437,3 @@ class StoreWriter:
             lineage=[],
             extra=h.get("extra") or {},
         )
-
-
-def read_saved_header(root: str | Path) -> dict[str, Any]:
-    """The record of commits/header.json (header, store_uuid, num_parts, columns); the manifest stands in
-    for it in a finalized store whose commits/ directory was not copied."""
-    root = Path(root)
-    saved = _read_json(root / fmt.HEADER_FILE)
-    if saved is not None:
-        fmt.check_format_version(saved.get("format_version"), where=str(root))
-        return saved
-    if (root / fmt.MANIFEST_FILE).exists():
-        manifest = _load_manifest(root)
-        return {
-            "store_uuid": manifest.store_uuid,
-            "store_id": manifest.store_id,
-            "created_at": manifest.created_at,
-            "format_version": manifest.format_version,
-            "header": manifest.header(),
-            "num_parts": manifest.num_parts,
-            "columns": manifest.columns,
-        }
-    if (root / fmt.HEADER_FILE).exists():
-        raise StoreError(f"{root / fmt.HEADER_FILE} is unreadable; rerun the workers into a new directory")
-    raise StoreError(
-        f"no logprob store at {root} (no {fmt.HEADER_FILE}); check the path or run `lopd rollout`"
-    )
-
-
-def _load_manifest(root: Path) -> fmt.Manifest:
-    # Imported here: the reader owns manifest loading (version checks, messages).
-    from lightning_opd.store.reader import load_manifest
-
-    return load_manifest(root)

@@ -98,6 +98,14 @@ def extract_answer(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+PROMPT_RE = re.compile(r"^\d+\+\d+=$")
+
+
+def is_toy_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` is one of this task's problems (``a+b=``)."""
+    return bool(PROMPT_RE.match(prompt.strip()))
+
+
 def grade(response: str, reference: str) -> float:
     """1.0 when the extracted final answer equals the reference (as an integer), else 0.0."""
     answer = extract_answer(response)

@@ -1,0 +1,181 @@
+"""CUDA paths of the numeric core (``make test-gpu``): teacher scoring and the stage-two update step on
+a GPU agree with the CPU reference, in fp32 and under bf16 autocast, and stay within their memory
+bound at a large vocabulary. Skipped cleanly where there is no CUDA device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lightning_opd.logprobs import score_sequences
+from lightning_opd.objectives import make_objective
+from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmuls():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 to fp32, not to TF32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _model(vocab: int = 4096, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _sequences(vocab: int, n: int = 6, seed: int = 1, prompt_len=(3, 12), response_len=(1, 20)):
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for _ in range(n):
+        p = int(torch.randint(*prompt_len, (1,), generator=g))
+        r = int(torch.randint(*response_len, (1,), generator=g))
+        prompts.append(torch.randint(1, vocab, (p,), generator=g).tolist())
+        responses.append(torch.randint(1, vocab, (r,), generator=g).tolist())
+    return prompts, responses
+
+
+def _naive_logprobs(model, prompt, response) -> torch.Tensor:
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    p = len(prompt)
+    return logp[torch.arange(p - 1, p - 1 + len(response)), torch.tensor(response)]
+
+
+def test_scoring_on_cuda_matches_the_naive_cpu_reference():
+    model = _model()
+    prompts, responses = _sequences(4096)
+    gpu = copy.deepcopy(model).cuda()
+    scored = score_sequences(gpu, prompts, responses, topk=5, chunk_size=7, max_tokens_per_batch=64)
+    for prompt, response, s in zip(prompts, responses, scored):
+        naive = _naive_logprobs(model, prompt, response)
+        assert torch.allclose(torch.as_tensor(s.logprobs), naive, atol=1e-4)
+        assert s.topk_ids.shape == (len(response), 5)
+
+
+def test_scoring_on_cuda_in_bf16_stays_close_to_fp32():
+    model = _model()
+    prompts, responses = _sequences(4096)
+    bf16 = copy.deepcopy(model).cuda().to(torch.bfloat16)
+    scored = score_sequences(bf16, prompts, responses, chunk_size=16)
+    for prompt, response, s in zip(prompts, responses, scored):
+        assert torch.allclose(torch.as_tensor(s.logprobs), _naive_logprobs(model, prompt, response), atol=0.1)
+
+
+def test_scoring_on_cuda_never_holds_full_vocabulary_logits():
+    vocab, n, length = 131072, 8, 512
+    model = _model(vocab).cuda().to(torch.bfloat16)
+    prompts, responses = _sequences(vocab, n=n, prompt_len=(4, 5), response_len=(length, length + 1))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    score_sequences(model, prompts, responses, topk=8, chunk_size=256, max_tokens_per_batch=n * (length + 8))
+    peak = torch.cuda.max_memory_allocated() - base
+    naive = n * length * vocab * 4  # the [B, S, V] fp32 logits a naive scorer would hold
+    assert peak < naive / 8, (
+        f"scoring peaked at {peak / 2**20:.0f} MiB (naive logits: {naive / 2**20:.0f} MiB)"
+    )
+
+
+def _rows(model, vocab: int, n: int = 6):
+    """Store-shaped rows whose behaviour log-probs are the model's own (a freshly sampled store)."""
+    prompts, responses = _sequences(vocab, n=n)
+    rows = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        own = _naive_logprobs(model, p, r).tolist()
+        teacher = [x + (0.5 if t % 2 else -0.5) for t, x in enumerate(own)]
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "sample_index": 0,
+                "prompt_ids": p,
+                "response_ids": r,
+                "behavior_logprobs": own,
+                "teacher_logprobs": teacher,
+            }
+        )
+    return rows
+
+
+def _gradient(model, rows, autocast_dtype=None) -> torch.Tensor:
+    inputs = UpdateInputs(
+        make_objective("lightning", clip_eps=0.2), horizon=32, pad_id=0, micro_batch_size=4, chunk_size=5
+    )
+    model.zero_grad()
+    device = next(model.parameters()).device
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype
+        else torch.autocast("cpu", enabled=False)
+    )
+    with ctx:
+        accumulate_gradients(model, rows, inputs, step=1)
+    return torch.cat([p.grad.flatten().float().cpu() for p in model.parameters() if p.grad is not None])
+
+
+def test_stage_two_step_on_cuda_matches_cpu():
+    model = _model().train()
+    rows = _rows(model, 4096)
+    cpu = _gradient(model, rows)
+    gpu = _gradient(copy.deepcopy(model).cuda(), rows)
+    assert cpu.abs().max() > 0
+    assert torch.allclose(gpu, cpu, atol=1e-5, rtol=1e-3)
+
+
+def test_stage_two_step_under_bf16_autocast_on_cuda_follows_fp32():
+    model = _model().train()
+    rows = _rows(model, 4096)
+    cpu = _gradient(model, rows)
+    bf16 = _gradient(copy.deepcopy(model).cuda(), rows, autocast_dtype=torch.bfloat16)
+    assert torch.isfinite(bf16).all()
+    assert torch.nn.functional.cosine_similarity(bf16, cpu, dim=0) > 0.98
+
+
+def test_stage_two_step_on_cuda_never_holds_full_vocabulary_logits():
+    vocab, n, length = 131072, 8, 512
+    model = _model(vocab).cuda().train()
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "sample_index": 0,
+            "prompt_ids": torch.randint(1, vocab, (4,), generator=g).tolist(),
+            "response_ids": torch.randint(1, vocab, (length,), generator=g).tolist(),
+            "behavior_logprobs": [-11.0] * length,
+            "teacher_logprobs": [-10.0] * length,
+        }
+        for i in range(n)
+    ]
+    inputs = UpdateInputs(
+        make_objective("lightning"), horizon=length, pad_id=0, micro_batch_size=n, chunk_size=256
+    )
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        accumulate_gradients(model, rows, inputs, step=1)
+    peak = torch.cuda.max_memory_allocated() - base
+    naive = n * length * vocab * 4
+    assert peak < naive / 4, (
+        f"the update step peaked at {peak / 2**20:.0f} MiB (naive logits: {naive / 2**20:.0f} MiB)"
+    )
