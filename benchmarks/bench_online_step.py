@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_opd.logprobs import score_sequences  # noqa: E402
-from lightning_opd.objectives import make_objective  # noqa: E402
-from lightning_opd.online import rollout_rows, sample_rollouts  # noqa: E402
-from lightning_opd.rollout import SamplingConfig  # noqa: E402
+from lightning_opd.stage1.rollout import SamplingConfig  # noqa: E402
+from lightning_opd.stage2.objectives import make_objective  # noqa: E402
+from lightning_opd.stage2.online import rollout_rows, sample_rollouts  # noqa: E402
 from lightning_opd.stage2.runs import timer  # noqa: E402
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients  # noqa: E402
 from lightning_opd.toy.models import MICRO_SPEC, STUDENT_SPEC, TEACHER_SPEC, build_model  # noqa: E402

@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_opd.horizons import HorizonConfig, horizon_at  # noqa: E402
-from lightning_opd.objectives import make_objective  # noqa: E402
-from lightning_opd.sft import SFTExample, collate_sft, response_nll  # noqa: E402
+from lightning_opd.stage0.sft import SFTExample, collate_sft, response_nll  # noqa: E402
+from lightning_opd.stage2.batch import collate, student_token_batch  # noqa: E402
+from lightning_opd.stage2.horizons import HorizonConfig, horizon_at  # noqa: E402
+from lightning_opd.stage2.objectives import make_objective  # noqa: E402
 from lightning_opd.store import RolloutStream, StoreWriter, open_store  # noqa: E402
 from lightning_opd.toy.models import ToyModelSpec, build_model  # noqa: E402
 from lightning_opd.toy.tokenizer import build_char_tokenizer  # noqa: E402
-from lightning_opd.trainer import collate, student_token_batch  # noqa: E402
 
 
 def synthetic_rows(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> list[dict]:

@@ -7,8 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lightning_opd.prompts import PromptRecord, encode_prompt
-from lightning_opd.rollout import Rollout, SamplingConfig
-from lightning_opd.samplers import make_sampler
+from lightning_opd.stage1.rollout import Rollout, SamplingConfig
+from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 

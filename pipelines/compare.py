@@ -26,8 +26,8 @@ from pathlib import Path
 from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
 from lightning_opd.errors import LopdError
 from lightning_opd.modeling import load_causal_lm
-from lightning_opd.online import evaluate_greedy
 from lightning_opd.prompts import load_prompts
+from lightning_opd.stage2.online import evaluate_greedy
 from lightning_opd.store import open_store
 from pipelines import precompute, train, train_online
 from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR

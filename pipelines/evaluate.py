@@ -13,7 +13,7 @@ from lightning_opd.config import check, write_json_atomic
 from lightning_opd.evaluation import EvalResult, evaluate_model, format_table
 from lightning_opd.modeling import check_model_dir, load_causal_lm, load_tokenizer
 from lightning_opd.prompts import load_prompts
-from lightning_opd.samplers import resolve_backend
+from lightning_opd.stage1.samplers import resolve_backend
 from lightning_opd.verifiers import check_verifier
 
 

@@ -38,8 +38,8 @@ from lightning_opd.modeling import (
     resolve_dtype,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.rollout import SamplingConfig
-from lightning_opd.samplers import make_sampler
+from lightning_opd.stage1.rollout import SamplingConfig
+from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.reader import read_part, read_saved_header
 from lightning_opd.store.registry import check_not_duplicate, register
@@ -194,7 +194,7 @@ SCORING_BACKENDS = ("transformers", "vllm")
 def make_scorer(config: ScoreConfig):
     """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend."""
     if config.scoring_backend == "vllm":
-        from lightning_opd.vllm_backend import VLLMScorer
+        from lightning_opd.stage1.vllm_backend import VLLMScorer
 
         scorer = VLLMScorer(config.teacher, dtype=config.dtype)
         return (

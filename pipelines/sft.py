@@ -20,9 +20,9 @@ from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
 from lightning_opd.prompts import encode_prompt, load_prompts
 from lightning_opd.provenance import Provenance, write_provenance
-from lightning_opd.rollout import SamplingConfig
-from lightning_opd.samplers import make_sampler
-from lightning_opd.sft import SFTExample, SFTTrainConfig, train_sft
+from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
+from lightning_opd.stage1.rollout import SamplingConfig
+from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 

@@ -27,12 +27,12 @@ from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError
 from lightning_opd.evaluation import evaluate_model
 from lightning_opd.fingerprint import model_fingerprint
-from lightning_opd.horizons import check_horizon, horizon_at
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.stage2 import runs
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
+from lightning_opd.stage2.horizons import check_horizon, horizon_at
 from lightning_opd.stage2.step import (
     UpdateInputs,
     accumulate_gradients,

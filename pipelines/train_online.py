@@ -36,10 +36,14 @@ from accelerate.utils import set_seed
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError
-from lightning_opd.horizons import check_horizon, horizon_at
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
-from lightning_opd.online import (
+from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.stage1.rollout import SamplingConfig
+from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
+from lightning_opd.stage2.gold import GoldSolutions
+from lightning_opd.stage2.horizons import check_horizon, horizon_at
+from lightning_opd.stage2.online import (
     evaluate_greedy,
     grade,
     prompt_batch,
@@ -47,10 +51,6 @@ from lightning_opd.online import (
     rollout_rows,
     sample_rollouts,
 )
-from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.rollout import SamplingConfig
-from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
-from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.runs import (
     MetricsLog,
     due,

@@ -88,7 +88,7 @@ def test_eval_with_the_vllm_backend_hands_the_directory_to_the_sampler(
 ):
     import lightning_opd.evaluation as evaluation
     from lightning_opd.prompts import write_jsonl
-    from lightning_opd.rollout import Rollout
+    from lightning_opd.stage1.rollout import Rollout
     from pipelines import evaluate
 
     prompts = tmp_path / "prompts.jsonl"

@@ -11,7 +11,7 @@ from lightning_opd.errors import InputError, OutputExistsError, TokenizerMismatc
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
 from lightning_opd.prompts import PromptRecord, encode_prompt, load_prompts, prompt_set_hash, write_jsonl
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
-from lightning_opd.sft import IGNORE_INDEX, SFTExample, collate_sft, response_nll
+from lightning_opd.stage0.sft import IGNORE_INDEX, SFTExample, collate_sft, response_nll
 
 ROWS = [
     {"prompt_id": "a", "prompt": "1+2=", "answer": "3"},

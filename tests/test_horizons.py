@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_opd.errors import ConfigError
-from lightning_opd.horizons import HorizonConfig, check_horizon, horizon_at, response_mask
+from lightning_opd.stage2.horizons import HorizonConfig, check_horizon, horizon_at, response_mask
 
 T = 15360
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_opd.errors import ConfigError
-from lightning_opd.objectives import (
+from lightning_opd.stage2.objectives import (
     DIVERGENCES,
     Composite,
     FDivergenceOPD,

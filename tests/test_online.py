@@ -10,15 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import InputError
 from lightning_opd.fingerprint import model_fingerprint
-from lightning_opd.objectives import TokenBatch, make_objective, on_policy_reference_kl, reference_kl
-from lightning_opd.online import prompt_batch
 from lightning_opd.prompts import PromptRecord
 from lightning_opd.provenance import read_provenance
+from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
+from lightning_opd.stage2.objectives import TokenBatch, make_objective, on_policy_reference_kl, reference_kl
+from lightning_opd.stage2.online import prompt_batch
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients
 from lightning_opd.store import open_store
 from lightning_opd.toy.tokenizer import build_char_tokenizer
-from lightning_opd.trainer import collate, student_token_batch
 from pipelines import train_online
 
 QUIET = dict(log=lambda *_: None)

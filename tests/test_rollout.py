@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import ConfigError, InputError
-from lightning_opd.rollout import (
+from lightning_opd.stage1.rollout import (
     SamplingConfig,
     TransformersSampler,
     nucleus,
     sample_seed,
 )
-from lightning_opd.samplers import make_sampler, vllm_available
-from lightning_opd.vllm_backend import VLLMEngineConfig, _parse_prompt_logprobs
+from lightning_opd.stage1.samplers import make_sampler, vllm_available
+from lightning_opd.stage1.vllm_backend import VLLMEngineConfig, _parse_prompt_logprobs
 from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION
 
 PROMPTS = ["12+34=", "5+6=", "999+1=", "7+80="]  # different lengths: exercises left padding

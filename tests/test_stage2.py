@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from lightning_opd.errors import ConfigError, StoreError, TeacherConsistencyError, TrainingError
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.provenance import read_provenance
+from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.store import open_store
-from lightning_opd.trainer import collate, student_token_batch
 from pipelines import precompute, train
 
 QUIET = dict(log=lambda *_: None)
@@ -190,7 +190,7 @@ def test_resume_from_another_runs_checkpoint_is_refused(micro_store, sft_student
 def test_nan_loss_stops_with_the_step_and_rows_and_saves_nothing(
     micro_store, sft_student_dir, tmp_path, monkeypatch
 ):
-    import lightning_opd.objectives as objectives
+    import lightning_opd.stage2.objectives as objectives
 
     real = objectives.LightningOPD.__call__
 

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd.cli import build_parser
 from lightning_opd.config import config_from_args
-from lightning_opd.objectives import Composite
+from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.stage2.flags import COMPOSITE_FLAGS, OBJECTIVE_FLAGS, TrainingFlags, objective_options
+from lightning_opd.stage2.objectives import Composite
 from lightning_opd.stage2.step import accumulate_gradients, update_inputs
-from lightning_opd.trainer import collate, student_token_batch
 from pipelines.train import TrainConfig
 from pipelines.train_online import OnlineConfig
 

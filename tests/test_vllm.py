@@ -27,13 +27,13 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.logprobs import score_sequences
-from lightning_opd.rollout import SamplingConfig, TransformersSampler
+from lightning_opd.stage1.rollout import SamplingConfig, TransformersSampler
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
-from lightning_opd.vllm_backend import VLLMEngineConfig, VLLMSampler, VLLMScorer  # noqa: E402
+from lightning_opd.stage1.vllm_backend import VLLMEngineConfig, VLLMSampler, VLLMScorer  # noqa: E402
 
 TOLERANCE = 1e-4
 SAMPLER_CONTEXT = 128

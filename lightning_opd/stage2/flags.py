@@ -19,8 +19,8 @@ from typing import ClassVar
 
 from lightning_opd.config import check, to_dict
 from lightning_opd.errors import ConfigError
-from lightning_opd.horizons import HorizonConfig, horizon_from_flags
-from lightning_opd.objectives import OBJECTIVES, Objective, make_objective
+from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
+from lightning_opd.stage2.objectives import OBJECTIVES, Objective, make_objective
 from lightning_opd.verifiers import check_verifier
 
 # objective name -> {objective option: flag}; the Composite options (ref_kl_coef, gold_nll_coef,

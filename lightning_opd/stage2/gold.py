@@ -7,9 +7,9 @@ import dataclasses
 from collections.abc import Iterable
 
 from lightning_opd.errors import InputError
-from lightning_opd.objectives import TokenBatch
 from lightning_opd.prompts import PromptRecord, load_prompts
-from lightning_opd.trainer import collate, student_token_batch
+from lightning_opd.stage2.batch import collate, student_token_batch
+from lightning_opd.stage2.objectives import TokenBatch
 
 
 class GoldSolutions:

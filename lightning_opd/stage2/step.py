@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from lightning_opd.errors import TrainingError
-from lightning_opd.objectives import on_policy_reference_kl
+from lightning_opd.stage2.batch import check_finite, collate, student_token_batch
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
-from lightning_opd.trainer import check_finite, collate, student_token_batch
+from lightning_opd.stage2.objectives import on_policy_reference_kl
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ Two backends produce the same ``Rollout`` records:
 
 - ``TransformersSampler`` (here): ``model.generate`` with one logits processor of ours that does the
   sampling itself (see ``_SeededTokenPicker`` for why), batched with left padding.
-- ``VLLMSampler`` (``lightning_opd.vllm_backend``): the vLLM engine, for real scale.
+- ``VLLMSampler`` (``lightning_opd.stage1.vllm_backend``): the vLLM engine, for real scale.
 
 Conventions both backends follow, so a store does not depend on which one wrote it:
 

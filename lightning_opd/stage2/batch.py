@@ -23,7 +23,7 @@ from lightning_opd.logprobs import (
     output_head,
     token_logprobs_from_hidden,
 )
-from lightning_opd.objectives import TokenBatch
+from lightning_opd.stage2.objectives import TokenBatch
 
 
 @dataclass

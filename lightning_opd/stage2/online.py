@@ -25,7 +25,7 @@ from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
 from lightning_opd.prompts import PromptRecord, encode_prompt
-from lightning_opd.rollout import Rollout, SamplingConfig, TransformersSampler
+from lightning_opd.stage1.rollout import Rollout, SamplingConfig, TransformersSampler
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 # ----------------------------------------------------------------------------------------------

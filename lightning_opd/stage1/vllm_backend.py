@@ -29,7 +29,7 @@ import numpy as np
 from lightning_opd.config import check
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.logprobs import ScoredSequence
-from lightning_opd.rollout import (
+from lightning_opd.stage1.rollout import (
     DTYPES,
     Rollout,
     SamplingConfig,

@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_opd.errors import ConfigError
 from lightning_opd.modeling import load_causal_lm
-from lightning_opd.rollout import Sampler, SamplingConfig, TransformersSampler
+from lightning_opd.stage1.rollout import Sampler, SamplingConfig, TransformersSampler
 
 
 def vllm_available() -> bool:
@@ -46,14 +46,14 @@ def make_sampler(
 ) -> Sampler:
     """A sampler for a model directory (or an already loaded transformers model plus ``tokenizer``).
 
-    ``engine`` is a ``lightning_opd.vllm_backend.VLLMEngineConfig`` for the vLLM backend (vLLM picks
+    ``engine`` is a ``lightning_opd.stage1.vllm_backend.VLLMEngineConfig`` for the vLLM backend (vLLM picks
     its own device; ``device`` is for transformers). The vLLM engine starts worker processes: a
     script that uses it needs the ``if __name__ == "__main__":`` guard.
     """
     is_dir = isinstance(model_dir_or_model, (str, Path))
     backend = resolve_backend(config.backend, is_dir)
     if backend == "vllm":
-        from lightning_opd.vllm_backend import VLLMSampler  # imports vllm: only when asked for
+        from lightning_opd.stage1.vllm_backend import VLLMSampler  # imports vllm: only when asked for
 
         return VLLMSampler(model_dir_or_model, config, engine=engine)
     if is_dir:

@@ -1,0 +1,9 @@
+"""Stage one: the SFT'd student samples rollouts and the teacher scores them, into a logprob store.
+
+- ``rollout``: the transformers sampler and the conventions both samplers follow (raw behaviour
+  log-probs, EOS kept, per-sample seeds);
+- ``vllm_backend``: the vLLM sampler and prompt_logprobs scorer;
+- ``samplers``: ``make_sampler`` picks one.
+
+Teacher scoring itself is ``lightning_opd.logprobs.score_sequences`` (the kernels every stage uses).
+"""
