@@ -45,7 +45,11 @@ class TokenBatch:
     ``student_logprobs`` (and the ``student_topk_logprobs`` / ``gold_logprobs``) carry gradient;
     everything else is a constant from the store. ``mask`` is a float 0/1 tensor with padding and the
     horizon already applied. ``old_logprobs`` are the student's at the start of the step (PPO clip),
-    ``behavior_logprobs`` those of π_ref, the model that sampled the stored tokens.
+    ``behavior_logprobs`` those of π_ref, the model that sampled the stored tokens (raw: temperature
+    1, full vocabulary). ``sampling_logprobs`` are the log-probs of the distribution each token was
+    actually drawn from (π_ref with temperature and top-p applied); None when the store lacks them.
+    An importance ratio to the sampler uses ``sampling_logprobs``; a trust region around π_ref uses
+    ``behavior_logprobs``.
     """
 
     student_logprobs: Tensor
@@ -53,6 +57,7 @@ class TokenBatch:
     behavior_logprobs: Tensor
     mask: Tensor
     old_logprobs: Tensor | None = None
+    sampling_logprobs: Tensor | None = None
     teacher_topk_ids: Tensor | None = None  # [B, S, K]
     teacher_topk_logprobs: Tensor | None = None  # [B, S, K], full-vocabulary log-probs at those ids
     student_topk_logprobs: Tensor | None = None  # [B, S, K], the student at the teacher's ids
@@ -63,7 +68,7 @@ class TokenBatch:
         shape = tuple(self.student_logprobs.shape)
         if len(shape) != 2:
             raise ValueError(f"student_logprobs must be [batch, seq], got shape {shape}")
-        for name in ("teacher_logprobs", "behavior_logprobs", "mask", "old_logprobs"):
+        for name in ("teacher_logprobs", "behavior_logprobs", "mask", "old_logprobs", "sampling_logprobs"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
