@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 
 from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
 from lightning_opd.consistency import check_store_for_training
+from lightning_opd.drift import DriftWatch, add_sums, drift_metrics, drift_sums
 from lightning_opd.errors import ConfigError, StoreError, TrainingError
 from lightning_opd.evaluation import VERIFIERS, evaluate_model
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -76,7 +77,17 @@ class TrainConfig:
         default=0.0, metadata={"help": "PPO clip epsilon (0 = off; with one update per batch the ratio is 1)"}
     )
     importance_weighting: bool = field(
-        default=False, metadata={"help": "weight tokens by pi_theta/pi_ref (off in the paper)"}
+        default=False,
+        metadata={
+            "help": "weight tokens by the truncated ratio to the sampling distribution (off in the paper)"
+        },
+    )
+    trust_region: float = field(
+        default=0.2,
+        metadata={
+            "help": "sampled-token objectives: PPO clip of pi_theta/pi_ref at [1-eps, 1+eps], pi_ref = the "
+            "store's policy (0 = off, the paper's update; see METHODS §9)"
+        },
     )
     sample_reduction: str = field(
         default="sum", metadata={"help": "per-sample token means are summed (paper) or averaged"}
@@ -111,6 +122,10 @@ class TrainConfig:
     lr: float = field(
         default=2e-6, metadata={"help": "constant learning rate (paper: 2e-6 for 4-8B students)"}
     )
+    warmup_steps: int = field(
+        default=0,
+        metadata={"help": "linear learning-rate warmup steps (Adam's first steps move every weight by ~lr)"},
+    )
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.1
@@ -134,9 +149,19 @@ class TrainConfig:
         default="auto", metadata={"help": "auto (latest checkpoint in --out) | never | a checkpoint dir"}
     )
     overwrite: bool = False
+    drift_max_passes: float = field(
+        default=1.0, metadata={"help": "warn when the store is reused beyond this many passes"}
+    )
+    drift_max_kl: float = field(
+        default=0.05, metadata={"help": "warn when KL(student || store policy) per token exceeds this"}
+    )
 
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        check(
+            0 <= self.trust_region < 1, f"trust_region must be in [0, 1) (0 = off), got {self.trust_region}"
+        )
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         check(
             self.batch_size > 0 and self.micro_batch_size > 0,
             f"batch sizes must be positive, got {self.batch_size}/{self.micro_batch_size}",
@@ -184,10 +209,22 @@ class TrainConfig:
         return horizon_from_flags(self)
 
     def build_objective(self):
+        # The trust region replaces the start-of-step clip (a ratio of 1 with one update per batch),
+        # so a non-zero --clip-eps turns it off rather than stacking two clips.
+        ratio = {
+            "clip_eps": self.clip_eps or None,
+            "importance_weighting": self.importance_weighting,
+            "trust_region": (self.trust_region or None) if not self.clip_eps else None,
+        }
         if self.objective == "lightning":
-            kwargs = {"clip_eps": self.clip_eps or None, "importance_weighting": self.importance_weighting}
+            kwargs = ratio
         elif self.objective == "opd_plus":
-            kwargs = {"divergence": self.divergence, "alpha": self.alpha, "stop_gradient": self.stop_gradient}
+            kwargs = {
+                "divergence": self.divergence,
+                "alpha": self.alpha,
+                "stop_gradient": self.stop_gradient,
+                **ratio,
+            }
         elif self.objective == "topk":
             kwargs = {"kind": self.topk_kind, "beta": self.topk_beta, "tail": self.topk_tail}
         else:
@@ -286,7 +323,10 @@ def run(config: TrainConfig, log=print) -> Path:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as in the paper
+    # Constant, as in the paper, after an optional linear warmup.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     row_filter = RowFilter(
         finish_reasons=tuple(r for r in config.finish_reasons.split(",") if r),
@@ -318,6 +358,8 @@ def run(config: TrainConfig, log=print) -> Path:
     log(
         f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded"
     )
+    store_rows = sum(s.num_rows for s in stores)
+    watch = DriftWatch(config.drift_max_passes, config.drift_max_kl, trust_region=config.trust_region)
     started = timer()
     for step in range(start_step, config.steps):
         t0 = timer()
@@ -327,7 +369,7 @@ def run(config: TrainConfig, log=print) -> Path:
         rows = global_rows[rank::world]
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
-        loss_sum, tokens, response_tokens = 0.0, 0, 0
+        loss_sum, tokens, response_tokens, drift = 0.0, 0, 0, {}
         seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
         for j, chunk in enumerate(micro):
             batch = collate(chunk, horizon, tokenizer.pad_token_id, topk).to(accelerator.device)
@@ -343,6 +385,15 @@ def run(config: TrainConfig, log=print) -> Path:
                         token_batch, model, gold_rows, tokenizer.pad_token_id, config.chunk_size
                     )
                 loss, parts = objective(token_batch)
+                drift = add_sums(
+                    drift,
+                    drift_sums(
+                        token_batch.student_logprobs,
+                        token_batch.behavior_logprobs,
+                        token_batch.mask,
+                        config.trust_region or 0.2,
+                    ),
+                )
                 if config.sample_reduction == "mean":
                     loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
                 check_finite(loss, step + 1, batch)
@@ -358,17 +409,20 @@ def run(config: TrainConfig, log=print) -> Path:
             raise TrainingError(
                 f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
             )
+        lr_used = scheduler.get_last_lr()[0]  # this step's rate (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = timer() - t0
         row = {
             **totals,
+            **drift_metrics(_all_ranks_sum(accelerator, drift)),
+            "passes": (step + 1) * config.batch_size / max(1, store_rows),
             "step": step + 1,
             "horizon": horizon,
             "loss": loss_sum,
             "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr_used,
             "tokens": tokens * world,
             "tokens_per_s": tokens * world / elapsed,
             "response_tokens": response_tokens * world,
@@ -385,6 +439,7 @@ def run(config: TrainConfig, log=print) -> Path:
             )
         if metrics is not None:
             metrics.write(row)
+            watch.check(row, log)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 log(format_status(row))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
@@ -392,6 +447,15 @@ def run(config: TrainConfig, log=print) -> Path:
     if metrics is not None:
         metrics.close()
     return save_final(accelerator, model, tokenizer, config, stores, out, log)
+
+
+def _all_ranks_sum(accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Drift sums over every process, so the metrics describe the global batch."""
+    if accelerator.num_processes == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    total = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+    return dict(zip(keys, total.tolist()))
 
 
 def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizon: int) -> float:
