@@ -112,6 +112,7 @@ class OnlineConfig:
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass"})
     sample_batch_size: int = 256
     lr: float = 2e-6
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warmup steps"})
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.1
@@ -301,7 +302,9 @@ def run(config: OnlineConfig, log=print) -> Path:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start_step, run_id = 0, config.run_id()
     checkpoint = find_checkpoint(config)
@@ -442,6 +445,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config, step: int, 
         raise TrainingError(
             f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
         )
+    row["lr"] = scheduler.get_last_lr()[0]  # this step's rate (scheduler.step() moves to the next)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -450,7 +454,6 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config, step: int, 
         row["sample_s"] + row["score_s"] + row["ref_score_s"] + row["store_s"] + row["update_s"]
     )
     row["grad_norm"] = float(grad_norm)
-    row["lr"] = scheduler.get_last_lr()[0]
     row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
 
 

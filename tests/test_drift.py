@@ -190,3 +190,18 @@ def test_trainer_logs_drift_and_passes_and_warns(micro_store, sft_student_dir, t
     assert [r["lr"] for r in rows] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])  # 2 warmup steps
     assert "pass 1.20 over the store" in result.stdout
     assert "drift-kl" in result.stdout and "passes" in result.stdout
+
+
+def test_run_plots_include_drift_when_logged(tmp_path):
+    from lightning_opd import plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": s, "elapsed_s": s, "loss": 1.0, "drift_kl": 0.01 * s, "drift_ess": 1 - 0.1 * s,
+         "drift_outside": 0.02 * s, "passes": 0.5 * s}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = plots.run_figures([run], tmp_path / "png")
+    assert paths["drift"].read_bytes()[:4] == b"\x89PNG"
