@@ -291,6 +291,12 @@ def run_figures(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Pa
         plot_metric(axes[0], data, y, x="step")
         plot_metric(axes[1], data, y, x="elapsed_s")
         paths[y] = save_figure(fig, out_dir, y)
+    if any("drift_kl" in r for rows in data.values() for r in rows):
+        # Drift from the store's policy (stage two, offline): what the trust region and warmup control.
+        fig, axes = new_figure(4)
+        for ax, y in zip(axes, ("drift_kl", "drift_ess", "drift_outside", "passes")):
+            plot_metric(ax, data, y, x="step")
+        paths["drift"] = save_figure(fig, out_dir, "drift")
     return paths
 
 

@@ -4,6 +4,12 @@
         --eval-prompts runs/demo/prompts/eval.jsonl --store runs/demo/store-top20 --out runs/compare
     lopd compare ... --methods lightning,topd-10,online     # a subset
     lopd compare ... --micro                                 # tiny sizes, for tests (numbers meaningless)
+    lopd compare --toy --seeds 3 --out runs/compare --readme README.md   # the findings with seeds
+
+With ``--seeds N`` every method runs under seeds seed..seed+N-1 and the table reports mean ± 95% CI
+and the papers' findings as paired per-seed differences (``lightning_opd.findings``); with ``--toy``
+each seed also rebuilds the embedded toy (prompts, SFT student, store) the way ``lopd demo`` does, so
+the spread covers the whole pipeline. ``--readme`` regenerates the README's findings table.
 
 Without ``--store`` stage one runs first (rollouts + teacher top-k scoring, timed). Each method
 trains from the same SFT student (offline methods on the same store, online methods sampling
@@ -20,19 +26,22 @@ import json
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
 from lightning_opd.errors import LopdError
+from lightning_opd.findings import findings_markdown, methods_markdown, replace_between_markers
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts
 from lightning_opd.stage2.online import evaluate_greedy
 from lightning_opd.store import open_store
-from pipelines import precompute, train, train_online
+from pipelines import demo, precompute, train, train_online
+from pipelines.demo import DemoConfig
 from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR
 
 CSV_COLUMNS = (
+    "seed",
     "method",
     "kind",
     "status",
@@ -50,17 +59,29 @@ CSV_COLUMNS = (
 
 @dataclass
 class CompareConfig:
-    student: str = field(metadata={"help": "the SFT student every method starts from (the store's sampler)"})
-    teacher: str = field(metadata={"help": "its SFT teacher (online methods; stage one without --store)"})
-    prompts: str = field(metadata={"help": "OPD prompt set with solutions (online prompts, gold mixture)"})
-    eval_prompts: str = field(metadata={"help": "held-out prompt set with answers"})
     out: str = field(metadata={"help": "output directory"})
+    student: str = field(
+        default="", metadata={"help": "the SFT student every method starts from (the store's sampler)"}
+    )
+    teacher: str = field(default="", metadata={"help": "its SFT teacher (online methods; stage one)"})
+    prompts: str = field(
+        default="", metadata={"help": "OPD prompt set with solutions (online prompts, gold mixture)"}
+    )
+    eval_prompts: str = field(default="", metadata={"help": "held-out prompt set with answers"})
+    toy: bool = field(
+        default=False,
+        metadata={"help": "build the embedded toy per seed as `lopd demo` does (no --student etc.)"},
+    )
+    seeds: int = field(default=1, metadata={"help": "seeds per method: mean ± 95% CI over them"})
+    cache_dir: str = field(default="", metadata={"help": "--toy: toy teacher cache (as lopd demo)"})
+    readme: str = field(default="", metadata={"help": "regenerate this file's findings table"})
     store: str = field(default="", metadata={"help": "scored store (default: run stage one into OUT/store)"})
     methods: str = field(default="all", metadata={"help": "comma-separated method names, or all"})
-    steps: int = 40
+    steps: int = 100
     batch_size: int = field(default=64, metadata={"help": "rollouts per step, offline and online"})
     online_n: int = field(default=4, metadata={"help": "online samples per prompt"})
-    lr: float = 1e-4
+    lr: float = 3e-5
+    warmup_steps: int = 10
     sample_reduction: str = "mean"
     esr_tokens: int = field(default=0, metadata={"help": "ESR's N (default: min(100, T/4) of the store's T)"})
     topk: int = field(default=20, metadata={"help": "teacher top-k when stage one runs here"})
@@ -78,6 +99,14 @@ class CompareConfig:
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         check(self.online_n > 0, f"online_n must be positive, got {self.online_n}")
         check(self.esr_tokens >= 0, f"esr_tokens must be >= 0, got {self.esr_tokens}")
+        check(self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}")
+        if not self.toy:
+            missing = [n for n in ("student", "teacher", "prompts", "eval_prompts") if not getattr(self, n)]
+            check(not missing, f"pass --{' --'.join(m.replace('_', '-') for m in missing)}, or --toy")
+        check(
+            not (self.toy and self.store),
+            "--toy builds a store per seed; drop --store (or drop --toy and pass --student etc.)",
+        )
         if self.micro:
             self.steps, self.batch_size, self.online_n = 2, 4, 2
             self.eval_limit, self.max_new_tokens, self.topk = self.eval_limit or 4, 8, 3
@@ -168,6 +197,7 @@ def run_method(
         out=str(out / name),
         steps=config.steps,
         lr=config.lr,
+        warmup_steps=config.warmup_steps,
         sample_reduction=config.sample_reduction,
         seed=config.seed,
         log_every=config.steps,
@@ -202,6 +232,54 @@ def evaluate(model_dir: str, records, horizon: int) -> dict:
 
 def run(config: CompareConfig, log=print) -> list[dict]:
     out = prepare_output_dir(config.out, config, overwrite=True)
+    results = []
+    for seed in range(config.seed, config.seed + config.seeds):
+        seed_out = out if config.seeds == 1 else out / f"seed-{seed}"
+        inputs = toy_inputs(config, seed_out, seed, log) if config.toy else {}
+        seed_config = replace(config, seed=seed, toy=False, **inputs)
+        results += [{**r, "seed": seed} for r in run_seed(seed_config, seed_out, log)]
+        write_csv(out / "results.csv", results)
+    plot(results, out / "results.png")
+    log(format_table(results))
+    if config.seeds > 1:
+        report = "\n\n".join([findings_markdown(results), methods_markdown(results)])
+        (out / "findings.md").write_text(report + "\n")
+        log(report)
+        if config.readme:
+            replace_between_markers(Path(config.readme), report)
+            log(f"compare: regenerated the findings table in {config.readme}")
+    return results
+
+
+def toy_inputs(config: CompareConfig, out: Path, seed: int, log) -> dict:
+    """The embedded toy for one seed, built (or reused) like `lopd demo`: student, teacher, prompts, store."""
+    sizes = dict(sft_prompts=16, opd_prompts=12, eval_prompts=8, sft_steps=2, teacher_steps=3)
+    demo_config = DemoConfig(
+        workdir=str(out),
+        cache_dir=config.cache_dir,
+        micro=config.micro,
+        horizon=config.max_new_tokens,
+        topk=config.topk,
+        backend="transformers",
+        **(sizes if config.micro else {}),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = demo.toy_prompts(demo_config, out, seed)
+    teacher = demo.toy_teacher(demo_config, log)
+    student = demo.stage_zero(demo_config, teacher, out, prompts, seed, log)
+    store = demo.stage_one(demo_config, teacher, student, out, prompts, seed, log)
+    return {
+        "student": str(student),
+        "teacher": str(teacher),
+        "prompts": str(prompts["opd"]),
+        "eval_prompts": str(prompts["eval"]),
+        "store": str(store),
+        "stage_one_seconds": -1.0,
+    }
+
+
+def run_seed(config: CompareConfig, out: Path, log) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
     if config.store:
         store = Path(config.store)
         stage_one = (
@@ -228,9 +306,6 @@ def run(config: CompareConfig, log=print) -> list[dict]:
         results.append(
             run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, records, out, log)
         )
-        write_csv(out / "results.csv", results)
-    plot(results, out / "results.png")
-    log(format_table(results))
     return results
 
 

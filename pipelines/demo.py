@@ -1,11 +1,13 @@
-"""The whole pipeline on the embedded toy task, end to end, with one results table.
+"""The whole pipeline on the embedded toy task, end to end, offline next to online, with one table.
 
-    lopd demo                      # ~10 min on 2 CPU cores from scratch, less with the cached teacher
+    lopd demo                      # ~5 min on 2 CPU cores once the toy teacher is cached
+    lopd demo --seeds 3            # the whole pipeline (prompts, SFT, store, stage two) per seed: mean ± 95% CI
     lopd demo --workdir runs/demo2 --opd-steps 60
 
-toy teacher (trained once, cached) -> stage 0: SFT of a smaller student on the teacher's answers ->
-stage 1: student rollouts + teacher scoring into a logprob store -> stage 2: offline Lightning OPD
--> greedy accuracy of teacher, SFT student and distilled student on held-out problems.
+toy teacher (trained once, cached) -> per seed: stage 0 (SFT of a smaller student on the teacher's
+answers) -> stage 1 (student rollouts + teacher scoring into a logprob store) -> stage 2 (offline
+Lightning OPD from that store, no teacher process) next to standard online OPD (live teacher) ->
+greedy accuracy of every model on held-out problems, and the wall time of offline vs online.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir, write_json_atomic
-from lightning_opd.evaluation import evaluate_model, format_table
+from lightning_opd.evaluation import evaluate_model
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts
-from lightning_opd.store import open_store
-from lightning_opd.store.summary import format_summary, summarize_store
-from lightning_opd.toy.models import STUDENT_SPEC, TEACHER_SPEC, ToyModelSpec
+from lightning_opd.stats import mean_ci
+from lightning_opd.toy.models import MICRO_SPEC, STUDENT_SPEC, TEACHER_SPEC
 from lightning_opd.toy.teacher import (
     ToyTeacherRecipe,
     ensure_toy_teacher,
     write_toy_prompt_sets,
     write_toy_student_init,
 )
-from pipelines import precompute, sft, train
+from pipelines import precompute, sft, train, train_online
+
+LABELS = {
+    "lightning": "Lightning OPD (sampled token)",
+    "topk": "Lightning OPD (top-k reverse KL)",
+    "online": "online OPD (live teacher)",
+}
 
 
 @dataclass
@@ -38,27 +45,31 @@ class DemoConfig:
     cache_dir: str = field(
         default="", metadata={"help": "toy teacher cache (default: $LOPD_CACHE or .cache/lightning-opd)"}
     )
+    seeds: int = field(
+        default=1, metadata={"help": "run stages 0-2 once per seed (0..N-1) and report mean ± 95% CI"}
+    )
     sft_prompts: int = 1000
-    opd_prompts: int = 1024
+    opd_prompts: int = 4096
     eval_prompts: int = 500
     sft_steps: int = 300
-    opd_steps: int = 40
+    opd_steps: int = 100
     opd_lr: float = 3e-5
     opd_batch_size: int = 64
+    warmup_steps: int = field(default=10, metadata={"help": "stage-two learning-rate warmup"})
+    trust_region: float = field(default=0.2, metadata={"help": "stage two's trust region around π_ref"})
     topk: int = field(
         default=8, metadata={"help": "teacher top-k kept in the store (for the top-k objective)"}
     )
     objectives: str = field(
-        default="lightning,topk",
-        metadata={
-            "help": "stage-two objectives to train from the one store: lightning (sampled token), topk"
-        },
+        default="lightning,topk,online",
+        metadata={"help": "stage-two runs: lightning (sampled token, offline), topk (offline), online"},
     )
+    online_n: int = field(default=4, metadata={"help": "online OPD: samples per prompt each step"})
     rollouts_per_prompt: int = 1
     horizon: int = 48
     teacher_steps: int = 300
     micro: bool = field(default=False, metadata={"help": "tiny sizes for tests (numbers meaningless)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "the first seed"})
     backend: str = "auto"
     overwrite: bool = field(
         default=False, metadata={"help": "delete --workdir first (the toy teacher cache is kept)"}
@@ -66,13 +77,154 @@ class DemoConfig:
 
     def __post_init__(self):
         check(self.eval_prompts > 0, f"eval_prompts must be positive, got {self.eval_prompts}")
+        check(self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}")
+        unknown = sorted(set(self.objective_names()) - set(LABELS))
+        check(not unknown, f"unknown objectives {unknown}; choose among {sorted(LABELS)}")
+
+    def objective_names(self) -> list[str]:
+        return [o for o in self.objectives.split(",") if o]
 
 
-def _specs(config: DemoConfig) -> tuple[ToyModelSpec, ToyModelSpec]:
-    if config.micro:
-        micro = ToyModelSpec(layers=1, hidden=32, heads=2, intermediate=64)
-        return micro, micro
-    return TEACHER_SPEC, STUDENT_SPEC
+def _timed(timings: dict, key: str, fn):
+    started = time.time()
+    result = fn()
+    timings[key] = timings.get(key, 0.0) + time.time() - started
+    return result
+
+
+def toy_teacher(config: DemoConfig, log) -> Path:
+    """The toy teacher (trained once, then cached under a key of its recipe)."""
+    spec = MICRO_SPEC if config.micro else TEACHER_SPEC
+    recipe = ToyTeacherRecipe(spec=spec, steps=config.teacher_steps, seed=0)
+    return ensure_toy_teacher(recipe, Path(config.cache_dir) if config.cache_dir else None, log=log)
+
+
+def toy_prompts(config: DemoConfig, work: Path, seed: int) -> dict[str, Path]:
+    """Disjoint SFT / OPD / eval prompt sets for one seed."""
+    sizes = dict(sft=config.sft_prompts, opd=config.opd_prompts, eval=config.eval_prompts)
+    return write_toy_prompt_sets(work / "prompts", **sizes, seed=seed)
+
+
+def stage_zero(config: DemoConfig, teacher: Path, work: Path, prompts: dict, seed: int, log) -> Path:
+    student_init, sft_out = work / "student-init", work / "sft"
+    if not (student_init / "config.json").exists():
+        write_toy_student_init(student_init, MICRO_SPEC if config.micro else STUDENT_SPEC, seed=seed)
+    if not (sft_out / "lopd_provenance.json").exists():
+        job = sft.SFTJobConfig(
+            teacher=str(teacher),
+            student=str(student_init),
+            prompts=str(prompts["sft"]),
+            out=str(sft_out),
+            steps=config.sft_steps,
+            warmup_steps=min(20, config.sft_steps // 10),
+            keep_truncated=config.micro,  # an untrained micro teacher never stops
+            temperature=0.0,
+            max_new_tokens=config.horizon,
+            seed=seed,
+            backend=config.backend,
+            verifier="addition",
+            overwrite=True,
+        )
+        sft.run(job, log=log)
+    return sft_out
+
+
+def stage_one(config: DemoConfig, teacher: Path, student: Path, work: Path, prompts, seed: int, log) -> Path:
+    store = work / "store"
+    if not (store / "manifest.json").exists():
+        job = precompute.PrecomputeConfig(
+            student=str(student),
+            teacher=str(teacher),
+            prompts=str(prompts["opd"]),
+            out=str(store),
+            n=config.rollouts_per_prompt,
+            max_new_tokens=config.horizon,
+            seed=seed,
+            backend=config.backend,
+            topk=config.topk,
+            allow_duplicate=True,  # each demo workdir is self-contained
+            overwrite=True,
+        )
+        precompute.run(job, log=log)
+    return store
+
+
+def stage_two(
+    config: DemoConfig, name: str, student: Path, teacher: Path, store: Path, work, prompts, seed, log
+):
+    """One stage-two run (offline from the store, or online with the live teacher); its final model."""
+    out = work / f"opd-{name}"
+    final = out / "final"
+    if (final / "lopd_provenance.json").exists():
+        return final
+    common = dict(
+        student=str(student),
+        out=str(out),
+        steps=config.opd_steps,
+        lr=config.opd_lr,
+        warmup_steps=config.warmup_steps,
+        sample_reduction="mean",
+        seed=seed,
+        log_every=max(1, config.opd_steps // 4),
+        overwrite=True,
+    )
+    if name == "online":
+        job = train_online.OnlineConfig(
+            teacher=str(teacher),
+            prompts=str(prompts["opd"]),
+            prompts_per_step=max(1, config.opd_batch_size // config.online_n),
+            n=config.online_n,
+            max_new_tokens=config.horizon,
+            micro_batch_size=config.opd_batch_size,
+            **common,
+        )
+        return train_online.run(job, log=log)
+    job = train.TrainConfig(
+        stores=str(store),
+        objective=name,
+        batch_size=config.opd_batch_size,
+        micro_batch_size=config.opd_batch_size,
+        trust_region=config.trust_region,
+        **common,
+    )
+    return train.run(job, log=log)
+
+
+def _accuracy(path: Path, records, horizon: int) -> float:
+    model, tokenizer = load_causal_lm(path, dtype="float32")
+    result = evaluate_model(model, tokenizer, records, model_name=str(path), max_new_tokens=horizon)
+    return result.greedy_accuracy
+
+
+def run_seed(config: DemoConfig, teacher: Path, work: Path, seed: int, log) -> dict:
+    """Stages 0-2 and evaluation for one seed: accuracies and seconds per model."""
+    timings: dict[str, float] = {}
+    prompts = toy_prompts(config, work, seed)
+    records = load_prompts(prompts["eval"])
+    student = _timed(timings, "stage 0: SFT", lambda: stage_zero(config, teacher, work, prompts, seed, log))
+    offline = [o for o in config.objective_names() if o != "online"]
+    store = None
+    if offline:
+        store = _timed(
+            timings,
+            "stage 1: rollouts + scoring",
+            lambda: stage_one(config, teacher, student, work, prompts, seed, log),
+        )
+    accuracy = {"SFT student": _accuracy(student, records, config.horizon)}
+    seconds = {}
+    for name in config.objective_names():
+        key = f"stage 2: {name}"
+        final = _timed(
+            timings,
+            key,
+            lambda n=name: stage_two(config, n, student, teacher, store, work, prompts, seed, log),
+        )
+        accuracy[LABELS[name]] = _accuracy(final, records, config.horizon)
+        # Offline pays stage one once for every run from the store; online pays its teacher every step.
+        seconds[LABELS[name]] = timings[key] + (
+            timings["stage 1: rollouts + scoring"] if name != "online" else 0
+        )
+    return {"seed": seed, "accuracy": accuracy, "seconds": seconds, "timings_s": timings}
 
 
 def run(config: DemoConfig, log=print) -> dict:
@@ -80,120 +232,87 @@ def run(config: DemoConfig, log=print) -> dict:
         shutil.rmtree(config.workdir, ignore_errors=True)
     # A rerun with the same config resumes stage by stage; a different config is refused (see --overwrite).
     work = prepare_output_dir(config.workdir, config)
-    timings: dict[str, float] = {}
-    teacher_spec, student_spec = _specs(config)
-
-    t = time.time()
-    prompts = write_toy_prompt_sets(
-        work / "prompts",
-        sft=config.sft_prompts,
-        opd=config.opd_prompts,
-        eval=config.eval_prompts,
-        seed=config.seed,
-    )
-    recipe = ToyTeacherRecipe(spec=teacher_spec, steps=config.teacher_steps, seed=config.seed)
-    teacher = ensure_toy_teacher(recipe, Path(config.cache_dir) if config.cache_dir else None, log=log)
-    timings["toy teacher"] = time.time() - t
-
-    t = time.time()
-    student_init = work / "student-init"
-    if not (student_init / "config.json").exists():
-        write_toy_student_init(student_init, student_spec, seed=config.seed)
-    sft_out = work / "sft"
-    if not (sft_out / "lopd_provenance.json").exists():
-        sft.run(
-            sft.SFTJobConfig(
-                teacher=str(teacher),
-                student=str(student_init),
-                prompts=str(prompts["sft"]),
-                out=str(sft_out),
-                steps=config.sft_steps,
-                warmup_steps=min(20, config.sft_steps // 10),
-                keep_truncated=config.micro,  # an untrained micro teacher never stops
-                temperature=0.0,
-                max_new_tokens=config.horizon,
-                seed=config.seed,
-                backend=config.backend,
-                overwrite=True,
-            ),
-            log=log,
-        )
-    timings["stage 0: SFT"] = time.time() - t
-
-    t = time.time()
-    store_dir = work / "store"
-    if not (store_dir / "manifest.json").exists():
-        precompute.run(
-            precompute.PrecomputeConfig(
-                student=str(sft_out),
-                teacher=str(teacher),
-                prompts=str(prompts["opd"]),
-                out=str(store_dir),
-                n=config.rollouts_per_prompt,
-                max_new_tokens=config.horizon,
-                seed=config.seed,
-                backend=config.backend,
-                topk=config.topk,
-                # Each demo workdir is self-contained, even when an identical store exists elsewhere.
-                allow_duplicate=True,
-                overwrite=True,
-            ),
-            log=log,
-        )
-    store = open_store(store_dir)
-    log(format_summary(summarize_store(store)))
-    timings["stage 1: rollouts + scoring"] = time.time() - t
-
-    # Stage two, once per objective, from the same store: no teacher is loaded for any of them.
-    finals = {}
-    for objective in [o for o in config.objectives.split(",") if o]:
-        t = time.time()
-        out = work / f"opd-{objective}"
-        finals[objective] = out / "final"
-        if not (finals[objective] / "lopd_provenance.json").exists():
-            train.run(
-                train.TrainConfig(
-                    student=str(sft_out),
-                    stores=str(store_dir),
-                    out=str(out),
-                    objective=objective,
-                    steps=config.opd_steps,
-                    batch_size=config.opd_batch_size,
-                    micro_batch_size=config.opd_batch_size,
-                    lr=config.opd_lr,
-                    sample_reduction="mean",
-                    seed=config.seed,
-                    log_every=10,
-                    # Accuracy along the way (first 200 held-out problems) for the training-curve plots.
-                    eval_prompts=str(prompts["eval"]),
-                    eval_every=max(1, config.opd_steps // 4),
-                    eval_limit=min(200, config.eval_prompts),
-                    overwrite=True,
-                ),
-                log=log,
-            )
-        timings[f"stage 2: offline OPD ({objective})"] = time.time() - t
-
-    t = time.time()
-    records = load_prompts(prompts["eval"])
-    results = []
-    labels = {"lightning": "Lightning OPD (sampled token)", "topk": "Lightning OPD (top-k reverse KL)"}
-    models = [("teacher", teacher), ("SFT student", sft_out)] + [
-        (labels.get(o, o), p) for o, p in finals.items()
-    ]
-    for name, path in models:
-        model, tokenizer = load_causal_lm(path, dtype="float32")
-        results.append(
-            evaluate_model(model, tokenizer, records, model_name=name, max_new_tokens=config.horizon)
-        )
-    timings["evaluation"] = time.time() - t
-
-    table = format_table(results)
-    lines = [table, "", "time per stage:"] + [f"  {k:<36} {v:7.1f} s" for k, v in timings.items()]
-    log("\n".join(["", "=" * 60, "lightning-opd demo: greedy accuracy on held-out problems"] + lines))
-    summary = {"results": [r.as_dict() for r in results], "timings_s": timings, "store": str(store_dir)}
+    started = time.time()
+    teacher = toy_teacher(config, log)
+    teacher_s = time.time() - started
+    seeds = [config.seed + i for i in range(config.seeds)]
+    per_seed = []
+    for seed in seeds:
+        seed_dir = work if config.seeds == 1 else work / f"seed-{seed}"
+        log(f"demo: seed {seed}")
+        per_seed.append(run_seed(config, teacher, seed_dir, seed, log))
+    first = work if config.seeds == 1 else work / f"seed-{seeds[0]}"
+    eval_records = load_prompts(first / "prompts" / "eval.jsonl")
+    summary = {
+        "teacher_accuracy": _accuracy(teacher, eval_records, config.horizon),
+        "teacher_s": teacher_s,
+        "seeds": per_seed,
+        "summary": summarize(per_seed),
+    }
+    log("\n".join(["", "=" * 72, format_results(summary, config)]))
     write_json_atomic(work / "results.json", summary)
     return summary
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean ± 95% CI over seeds of each model's accuracy, its gain over its own SFT start, its time."""
+    out = {}
+    for model in per_seed[0]["accuracy"]:
+        acc = [s["accuracy"][model] for s in per_seed]
+        gain = [s["accuracy"][model] - s["accuracy"]["SFT student"] for s in per_seed]
+        secs = [s["seconds"].get(model, 0.0) for s in per_seed]
+        out[model] = {
+            "accuracy": mean_ci(acc).as_dict(),
+            "gain": mean_ci(gain).as_dict(),
+            "seconds": mean_ci(secs).as_dict(),
+        }
+    return out
+
+
+def format_results(summary: dict, config: DemoConfig) -> str:
+    n = len(summary["seeds"])
+    spread = f"mean ± 95% CI over {n} seeds" if n > 1 else "one seed; --seeds 3 for the spread"
+    header = ["model", f"greedy accuracy ({spread})", "vs SFT", "wall time"]
+    rows = [
+        [
+            "teacher",
+            f"{100 * summary['teacher_accuracy']:.1f}%",
+            "",
+            "cached" if summary["teacher_s"] < 5 else f"{summary['teacher_s']:.0f} s",
+        ]
+    ]
+    for model, s in summary["summary"].items():
+        acc, gain, secs = (_ci(s[k]) for k in ("accuracy", "gain", "seconds"))
+        is_sft = model == "SFT student"
+        rows.append(
+            [
+                model,
+                acc.format() + "%",
+                "" if is_sft else f"{100 * gain.mean:+.1f}",
+                "" if is_sft else f"{secs.mean:.0f} s",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = [
+        f"lightning-opd demo: {config.eval_prompts} held-out problems",
+        line(header),
+        line(["-" * w for w in widths]),
+    ]
+    lines += [line(r) for r in rows]
+    stages = summary["seeds"][0]["timings_s"]
+    lines += ["", "time per stage (mean over seeds):"] + [
+        f"  {k:<36} {sum(s['timings_s'][k] for s in summary['seeds']) / n:7.1f} s" for k in stages
+    ]
+    lines.append(
+        "wall time: offline = stage one (rollouts + teacher scoring, shared by the offline runs) + training; "
+        "online = training with the live teacher"
+    )
+    return "\n".join(lines)
+
+
+def _ci(d: dict):
+    return mean_ci(d["values"])
 
 
 def load_results(workdir: str | Path) -> dict:

@@ -30,6 +30,7 @@ from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.stage2 import runs
+from lightning_opd.stage2.drift import DriftWatch
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon, horizon_at
@@ -61,6 +62,20 @@ class TrainConfig(TrainingFlags):
         metadata={"help": "esr: horizon fixed at --horizon-tokens (default 100) + top-k reverse KL"},
     )
     batch_size: int = field(default=64, metadata={"help": "rollouts per optimizer step (global)"})
+    # Offline, the student drifts from the policy that wrote the store: the trust region is on.
+    trust_region: float = field(
+        default=0.2,
+        kw_only=True,  # redefines TrainingFlags' keyword-only field with the offline default
+        metadata={
+            "help": "PPO clip of pi_theta/pi_ref at [1-eps, 1+eps], pi_ref = the store's policy (0 = off)"
+        },
+    )
+    drift_max_passes: float = field(
+        default=1.0, metadata={"help": "warn when the store is reused beyond this many passes"}
+    )
+    drift_max_kl: float = field(
+        default=0.05, metadata={"help": "warn when KL(student || store policy) per token exceeds this"}
+    )
     shuffle_buffer: int = 4096
     finish_reasons: str = field(default="stop,length", metadata={"help": "keep rollouts that ended this way"})
     max_response_tokens: int = 0
@@ -167,18 +182,22 @@ def run(config: TrainConfig, log=print) -> Path:
     log(
         f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded"
     )
+    store_rows = sum(s.num_rows for s in stores)
+    watch = DriftWatch(config.drift_max_passes, config.drift_max_kl, trust_region=config.trust_region)
     started = runs.timer()
     for step in range(start_step, config.steps):
         row = offline_step(
             accelerator, model, optimizer, scheduler, stream, inputs, config, step, store_horizon
         )
         row["elapsed_s"] = runs.timer() - started
+        row["passes"] = (step + 1) * config.batch_size / max(1, store_rows)
         if eval_prompts and runs.due(config.eval_every, step + 1, config.steps):
             row["eval_accuracy"] = evaluate(
                 accelerator, model, tokenizer, eval_prompts, config, store_horizon
             )
         if metrics is not None:
             metrics.write(row)
+            watch.check(row, log)
             if runs.due(config.log_every, step + 1, config.steps):
                 log(runs.format_status(row))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:

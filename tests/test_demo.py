@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import run_lopd
 
+from pipelines.demo import LABELS
+
 MICRO = [
     "--micro",
     "--sft-prompts",
@@ -32,21 +34,15 @@ def test_micro_demo_runs_every_stage(tmp_path):
     work = tmp_path / "demo"
     result = run_lopd("demo", "--workdir", work, "--cache-dir", tmp_path / "cache", *MICRO)
     out = result.stdout
-    for name in (
-        "teacher",
-        "SFT student",
-        "Lightning OPD (sampled token)",
-        "Lightning OPD (top-k reverse KL)",
-        "stage 1: rollouts",
-    ):
+    for name in ("teacher", "SFT student", *LABELS.values(), "wall time", "stage 1: rollouts"):
         assert name in out, name
     results = json.loads((work / "results.json").read_text())
-    assert [r["model"] for r in results["results"]][:2] == ["teacher", "SFT student"] and len(
-        results["results"]
-    ) == 4
-    assert (work / "store" / "manifest.json").exists() and (
-        work / "opd-lightning" / "final" / "lopd_provenance.json"
-    ).exists()
+    (seed,) = results["seeds"]
+    assert set(seed["accuracy"]) == {"SFT student", *LABELS.values()}
+    assert set(seed["seconds"]) == set(LABELS.values()) and all(v > 0 for v in seed["seconds"].values())
+    assert (work / "store" / "manifest.json").exists()
+    for name in ("lightning", "topk", "online"):
+        assert (work / f"opd-{name}" / "final" / "lopd_provenance.json").exists(), name
     # The teacher is cached: a second demo in another workdir reuses it.
     again = run_lopd("demo", "--workdir", tmp_path / "demo2", "--cache-dir", tmp_path / "cache", *MICRO)
     assert "reusing cached" in again.stdout
@@ -57,18 +53,30 @@ def test_micro_demo_runs_every_stage(tmp_path):
     assert clash.returncode == 2 and "different run" in clash.stderr
 
 
+def test_micro_demo_over_seeds_reports_mean_and_interval(tmp_path):
+    work = tmp_path / "demo"
+    args = [*MICRO, "--seeds", 2, "--objectives", "lightning"]
+    result = run_lopd("demo", "--workdir", work, "--cache-dir", tmp_path / "cache", *args)
+    assert "mean ± 95% CI over 2 seeds" in result.stdout
+    results = json.loads((work / "results.json").read_text())
+    assert [s["seed"] for s in results["seeds"]] == [0, 1]
+    assert (work / "seed-0" / "store" / "manifest.json").exists()
+    assert (work / "seed-1" / "opd-lightning" / "final").exists()
+    lightning = results["summary"][LABELS["lightning"]]
+    assert lightning["accuracy"]["n"] == 2 and len(lightning["gain"]["values"]) == 2
+
+
 @pytest.mark.slow
 def test_full_demo_meets_its_targets(tmp_path):
-    """The claims recorded in the README: teacher >= 90%, SFT student >= 15 points below, top-k OPD >= +5 points.
-
-    The sampled-token objective does not beat its SFT start on this toy task (README, "Results"): that
-    finding is recorded, not asserted either way.
-    """
+    """The claims recorded in the README, over 3 seeds (the whole pipeline per seed, 500 held-out
+    problems each): teacher >= 90%; the SFT student >= 15 points below it, its accuracy within
+    ±3 points across seeds; the default stage-two objective (sampled token, the paper's, with the
+    trust region) >= 5 points above its own SFT start on average."""
     work = tmp_path / "demo"
-    run_lopd("demo", "--workdir", work)
-    acc = {
-        r["model"]: r["greedy_accuracy"] for r in json.loads((work / "results.json").read_text())["results"]
-    }
-    assert acc["teacher"] >= 0.90
-    assert acc["teacher"] - acc["SFT student"] >= 0.15
-    assert acc["Lightning OPD (top-k reverse KL)"] - acc["SFT student"] >= 0.05
+    run_lopd("demo", "--workdir", work, "--seeds", 3, "--objectives", "lightning")
+    results = json.loads((work / "results.json").read_text())
+    sft = results["summary"]["SFT student"]["accuracy"]
+    assert results["teacher_accuracy"] >= 0.90
+    assert results["teacher_accuracy"] - sft["mean"] >= 0.15
+    assert max(sft["values"]) - min(sft["values"]) <= 0.06
+    assert results["summary"][LABELS["lightning"]]["gain"]["mean"] >= 0.05

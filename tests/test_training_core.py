@@ -28,6 +28,7 @@ CONFIGS = {"train": TrainConfig, "train-online": OnlineConfig}
 # A non-default value for every flag that feeds an objective option.
 VALUES = {
     "clip_eps": 0.2,
+    "trust_region": 0.1,
     "importance_weighting": True,
     "max_importance_weight": 3.0,
     "sample_reduction": "mean",
@@ -75,10 +76,15 @@ def test_every_objective_option_has_a_flag():
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_FLAGS))
 def test_every_objective_option_reaches_the_objective_from_the_command_line(command, objective):
     table = OBJECTIVE_FLAGS[objective]
-    config = _config(_argv(command, objective, {flag: VALUES[flag] for flag in table.values()}))
-    built = config.build_objective()
-    for option, flag in table.items():
-        assert getattr(built, option) == VALUES[flag], f"{command} --{flag} did not reach {option}"
+    # --clip-eps and --trust-region are two clips of one ratio (refused together): one at a time.
+    exclusive = [flag for flag in ("clip_eps", "trust_region") if flag in table.values()] or [None]
+    for keep in exclusive:
+        off = {flag: 0.0 for flag in ("clip_eps", "trust_region") if flag in table.values() and flag != keep}
+        values = {flag: VALUES[flag] for flag in table.values()} | off
+        built = _config(_argv(command, objective, values)).build_objective()
+        for option, flag in table.items():
+            expected = None if flag in off else VALUES[flag]
+            assert getattr(built, option) == expected, f"{command} --{flag} did not reach {option}"
 
 
 @pytest.mark.parametrize("command", ["train", "train-online"])

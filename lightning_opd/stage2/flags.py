@@ -30,6 +30,7 @@ OBJECTIVE_FLAGS: dict[str, dict[str, str]] = {
         "clip_eps": "clip_eps",
         "importance_weighting": "importance_weighting",
         "max_importance_weight": "max_importance_weight",
+        "trust_region": "trust_region",
         "sample_reduction": "sample_reduction",
     },
     "opd_plus": {
@@ -40,6 +41,7 @@ OBJECTIVE_FLAGS: dict[str, dict[str, str]] = {
         "clip_eps": "clip_eps",
         "importance_weighting": "importance_weighting",
         "max_importance_weight": "max_importance_weight",
+        "trust_region": "trust_region",
         "sample_reduction": "sample_reduction",
     },
     "topk": {
@@ -67,8 +69,9 @@ def objective_from_flags(flags, *, on_policy_ref_kl: bool = False) -> Objective:
     if flags.objective not in OBJECTIVE_FLAGS:
         raise ConfigError(f"objective must be one of {' | '.join(OBJECTIVE_FLAGS)}, got {flags.objective!r}")
     options = {name: getattr(flags, flag) for name, flag in OBJECTIVE_FLAGS[flags.objective].items()}
-    if "clip_eps" in options:
-        options["clip_eps"] = options["clip_eps"] or None
+    for name in ("clip_eps", "trust_region"):  # 0 = off
+        if name in options:
+            options[name] = options[name] or None
     return make_objective(
         flags.objective,
         ref_kl_coef=0.0 if on_policy_ref_kl else flags.ref_kl_coef,
@@ -95,7 +98,15 @@ class TrainingFlags:
     topk_beta: float = _help("topk: beta of gjsd", 0.5)
     topk_tail: str = _help("topk: how the mass outside the teacher's top-k is treated", "renormalize")
     clip_eps: float = _help("PPO clip epsilon (0 = off; with one update per batch the ratio is 1)", 0.0)
-    importance_weighting: bool = _help("weight tokens by pi_theta/pi_ref (off in the paper)", False)
+    importance_weighting: bool = _help(
+        "weight tokens by the truncated ratio to the distribution they were sampled from (off in the paper)",
+        False,
+    )
+    trust_region: float = _help(
+        "sampled-token objectives: PPO clip of pi_theta/pi_ref at [1-eps, 1+eps], pi_ref = the policy "
+        "that sampled the tokens (0 = off, the paper's update; METHODS §9). lopd train: 0.2",
+        0.0,
+    )
     max_importance_weight: float = _help("truncation of the importance weight", 2.0)
     sample_reduction: str = _help("per-sample token means are summed (paper) or averaged", "sum")
     ref_kl_coef: float = _help(
@@ -118,6 +129,9 @@ class TrainingFlags:
     steps: int = 100
     micro_batch_size: int = _help("rollouts per forward pass (gradient accumulation)", 64)
     lr: float = _help("constant learning rate (paper: 2e-6 for 4-8B students)", 2e-6)
+    warmup_steps: int = _help(
+        "linear learning-rate warmup steps (Adam's first steps move every weight by ~lr)", 0
+    )
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.1
@@ -145,6 +159,15 @@ class TrainingFlags:
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
         check(self.micro_batch_size > 0, f"micro_batch_size must be positive, got {self.micro_batch_size}")
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(
+            0 <= self.trust_region < 1, f"trust_region must be in [0, 1) (0 = off), got {self.trust_region}"
+        )
+        check(
+            not (self.trust_region and self.clip_eps),
+            f"--trust-region {self.trust_region} and --clip-eps {self.clip_eps} are two clips of one ratio; "
+            "pass --trust-region 0 to clip against the start-of-step student instead",
+        )
         check(
             self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
         )

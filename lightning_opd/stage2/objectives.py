@@ -45,7 +45,11 @@ class TokenBatch:
     ``student_logprobs`` (and the ``student_topk_logprobs`` / ``gold_logprobs``) carry gradient;
     everything else is a constant from the store. ``mask`` is a float 0/1 tensor with padding and the
     horizon already applied. ``old_logprobs`` are the student's at the start of the step (PPO clip),
-    ``behavior_logprobs`` those of π_ref, the model that sampled the stored tokens.
+    ``behavior_logprobs`` those of π_ref, the model that sampled the stored tokens (raw: temperature
+    1, full vocabulary). ``sampling_logprobs`` are the log-probs of the distribution each token was
+    actually drawn from (π_ref with temperature and top-p applied); None when the store lacks them.
+    An importance ratio to the sampler uses ``sampling_logprobs``; a trust region around π_ref uses
+    ``behavior_logprobs``.
     """
 
     student_logprobs: Tensor
@@ -53,6 +57,7 @@ class TokenBatch:
     behavior_logprobs: Tensor
     mask: Tensor
     old_logprobs: Tensor | None = None
+    sampling_logprobs: Tensor | None = None
     teacher_topk_ids: Tensor | None = None  # [B, S, K]
     teacher_topk_logprobs: Tensor | None = None  # [B, S, K], full-vocabulary log-probs at those ids
     student_topk_logprobs: Tensor | None = None  # [B, S, K], the student at the teacher's ids
@@ -63,7 +68,7 @@ class TokenBatch:
         shape = tuple(self.student_logprobs.shape)
         if len(shape) != 2:
             raise ValueError(f"student_logprobs must be [batch, seq], got shape {shape}")
-        for name in ("teacher_logprobs", "behavior_logprobs", "mask", "old_logprobs"):
+        for name in ("teacher_logprobs", "behavior_logprobs", "mask", "old_logprobs", "sampling_logprobs"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
@@ -130,9 +135,17 @@ def _to_floats(named: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(named, values))
 
 
-def _importance_weight(student: Tensor, behavior: Tensor, max_weight: float) -> Tensor:
-    """Truncated exp(sg(student) − behaviour): corrects for the stored tokens coming from π_ref."""
-    log_w = (student.detach() - behavior).clamp(-MAX_LOG_RATIO, math.log(max_weight))
+def _importance_weight(x: _Inputs, trust_region: bool, max_weight: float) -> Tensor:
+    """Truncated importance weight to the distribution the stored token was drawn from (V-trace/TIS).
+
+    The sampler is q = π_ref with temperature and top-p (``sampling_logprobs``; the raw π_ref when
+    the store lacks them). Without a trust region the weight is sg(π_θ)/q. With one, the clipped
+    ratio π_θ/π_ref already carries the π_θ part, so the weight is the constant π_ref/q (decoupled
+    PPO: behaviour policy for the weight, π_ref as the proximal policy for the clip).
+    """
+    sampler = x.sampling if x.sampling is not None else x.behavior
+    numerator = x.behavior if trust_region else x.student.detach()
+    log_w = (numerator - sampler).clamp(-MAX_LOG_RATIO, math.log(max_weight))
     return torch.exp(log_w)
 
 
@@ -171,22 +184,34 @@ class _Inputs:
     teacher: Tensor
     behavior: Tensor
     old: Tensor | None
+    sampling: Tensor | None = None
 
 
 def _sampled_inputs(batch: TokenBatch) -> _Inputs:
     valid = _valid(batch.mask)
     old = clean(batch.old_logprobs, valid) if batch.old_logprobs is not None else None
+    sampling = clean(batch.sampling_logprobs, valid) if batch.sampling_logprobs is not None else None
     return _Inputs(
         valid,
         clean(batch.student_logprobs, valid),
         clean(batch.teacher_logprobs, valid),
         clean(batch.behavior_logprobs, valid),
         old,
+        sampling,
     )
 
 
-def _check_pg_options(clip_eps, max_importance_weight, sample_reduction) -> None:
+def _check_pg_options(clip_eps, max_importance_weight, sample_reduction, trust_region=None) -> None:
     check(clip_eps is None or 0 < clip_eps < 1, f"clip_eps must be None or in (0, 1), got {clip_eps}")
+    check(
+        trust_region is None or 0 < trust_region < 1,
+        f"trust_region must be None or in (0, 1), got {trust_region}",
+    )
+    check(
+        clip_eps is None or trust_region is None,
+        "clip_eps (ratio to the start-of-step student) and trust_region (ratio to π_ref) are two clips "
+        "of the same surrogate; set one of them",
+    )
     check(max_importance_weight >= 1, f"max_importance_weight must be >= 1, got {max_importance_weight}")
     _check_reduction(sample_reduction)
 
@@ -202,8 +227,15 @@ class LightningOPD:
     ratio_t = exp(log π_θ − sg(old)), with old = the start-of-step log-probs when the batch has
     them, else sg(log π_θ) (ratio 1). With the defaults (no old log-probs, no clip, no importance
     weight) the gradient is exactly A_t·∇log π_θ(y_t) per token, as in the authors' code.
-    ``importance_weighting`` multiplies by exp(sg(log π_θ) − log π_ref) truncated at
-    ``max_importance_weight`` (not in the paper: it reweights the π_ref samples toward π_θ).
+    ``importance_weighting`` multiplies by exp(sg(log π_θ) − log q) truncated at
+    ``max_importance_weight``, q the distribution the token was sampled from (not in the paper: it
+    reweights the π_ref samples toward π_θ).
+
+    ``trust_region`` = ε (not in the paper; METHODS §9): the ratio becomes π_θ/π_ref, π_ref = the
+    policy that wrote the store (its raw stored log-probs), inside PPO's clip. The gradient is
+    −A·ratio·∇log π_θ while the ratio is inside [1−ε, 1+ε] and exactly 0 once it has left that
+    interval on the side the advantage pushes (A > 0 above 1+ε, A < 0 below 1−ε): the student can
+    move at most ε away from π_ref on any stored token, which keeps the fixed store on-policy enough.
 
     Metrics: ``adv_mean`` (effective advantage, importance weight included), ``log_ratio_mean``
     (teacher − student), ``kl_student_teacher`` (see ``_kl_student_teacher_estimate``),
@@ -213,11 +245,12 @@ class LightningOPD:
     clip_eps: float | None = None
     importance_weighting: bool = False
     max_importance_weight: float = 2.0
+    trust_region: float | None = None
     sample_reduction: str = "sum"
     needs_topk: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_pg_options(self.clip_eps, self.max_importance_weight, self.sample_reduction)
+        _check_pg_options(self.clip_eps, self.max_importance_weight, self.sample_reduction, self.trust_region)
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, float]]:
         x = _sampled_inputs(batch)
@@ -227,10 +260,14 @@ class LightningOPD:
 
 def _pg_objective(obj, x: _Inputs, advantage: Tensor, mask: Tensor, extra_metrics) -> tuple[Tensor, dict]:
     """Shared tail of the sampled-token objectives: weighting, surrogate, reduction, metrics."""
+    trust_region = getattr(obj, "trust_region", None)
     if obj.importance_weighting:
-        advantage = advantage * _importance_weight(x.student, x.behavior, obj.max_importance_weight)
-    reference = x.old if x.old is not None else x.student
-    per_token, is_clipped = _policy_gradient_loss(x.student, advantage, reference, obj.clip_eps)
+        advantage = advantage * _importance_weight(x, trust_region is not None, obj.max_importance_weight)
+    if trust_region is not None:
+        reference, eps = x.behavior, trust_region  # anchored at π_ref, the policy that wrote the store
+    else:
+        reference, eps = (x.old if x.old is not None else x.student), obj.clip_eps
+    per_token, is_clipped = _policy_gradient_loss(x.student, advantage, reference, eps)
     loss = reduce_tokens(per_token, mask, obj.sample_reduction)
     with torch.no_grad():
         metrics = {
@@ -299,7 +336,7 @@ class FDivergenceOPD:
     reverse KL it differs from OPD+ only by a constant, i.e. it is Lightning's advantage).
     log u = teacher − sg(student) is clamped to ±``log_u_clamp``; advantages are never normalised.
     Expectations are under π_θ, but the stored tokens come from π_ref: set ``importance_weighting``
-    to reweight them (truncated), as in ``LightningOPD``.
+    to reweight them (truncated), and ``trust_region`` to keep π_θ near π_ref, as in ``LightningOPD``.
     """
 
     divergence: str = "reverse_kl"
@@ -309,6 +346,7 @@ class FDivergenceOPD:
     clip_eps: float | None = None
     importance_weighting: bool = False
     max_importance_weight: float = 2.0
+    trust_region: float | None = None
     sample_reduction: str = "sum"
     needs_topk: ClassVar[bool] = False
 
@@ -325,7 +363,7 @@ class FDivergenceOPD:
             0 < self.log_u_clamp <= MAX_LOG_RATIO,
             f"log_u_clamp must be in (0, {MAX_LOG_RATIO}], got {self.log_u_clamp}",
         )
-        _check_pg_options(self.clip_eps, self.max_importance_weight, self.sample_reduction)
+        _check_pg_options(self.clip_eps, self.max_importance_weight, self.sample_reduction, self.trust_region)
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, float]]:
         x = _sampled_inputs(batch)

@@ -148,6 +148,10 @@ def format_status(row: dict) -> str:
         ("kl_student_teacher", "kl", ".4f"),
         ("topk_divergence", "topk-div", ".4f"),
         ("ref_kl", "ref-kl", ".4f"),
+        ("drift_kl", "drift-kl", ".4f"),
+        ("drift_ess", "ess", ".2f"),
+        ("drift_outside", "out-of-TR", ".1%"),
+        ("passes", "passes", ".2f"),
     ):
         if key in row:
             parts.append(f"{label} {row[key]:{fmt}}")

@@ -20,6 +20,7 @@ import torch
 
 from lightning_opd.errors import TrainingError
 from lightning_opd.stage2.batch import check_finite, collate, student_token_batch
+from lightning_opd.stage2.drift import add_sums, drift_metrics, drift_sums
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
 from lightning_opd.stage2.objectives import on_policy_reference_kl
 
@@ -37,6 +38,7 @@ class UpdateInputs:
     sample_reduction: str = "sum"
     ratio_to_sampler: bool = True  # online: old log-probs = the sampler's (importance ratio, METHODS §1)
     ref_kl_coef: float = 0.0  # online StableOPD: rows carry "ref_logprobs" from the frozen π_ref
+    trust_region: float = 0.2  # the interval of the drift metric "drift_outside"
     gold: GoldSolutions | None = None
 
 
@@ -57,6 +59,7 @@ def update_inputs(
         sample_reduction=flags.sample_reduction,
         ratio_to_sampler=flags.on_policy,
         ref_kl_coef=flags.ref_kl_coef if flags.on_policy else 0.0,
+        trust_region=flags.trust_region or 0.2,
         gold=gold,
     )
 
@@ -73,7 +76,7 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     micro = [rows[i : i + inputs.micro_batch_size] for i in range(0, len(rows), inputs.micro_batch_size)]
     totals: dict[str, float] = {}
-    loss_sum, tokens, response_tokens, gap_sum = 0.0, 0, 0, 0.0
+    loss_sum, tokens, response_tokens, gap_sum, drift = 0.0, 0, 0, 0.0, {}
     seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
     for j, chunk in enumerate(micro):
         batch = collate(chunk, inputs.horizon, inputs.pad_id, inputs.topk).to(device)
@@ -88,6 +91,10 @@ def accumulate_gradients(
             check_finite(loss, step, batch)
             (accelerator.backward if accelerator is not None else torch.Tensor.backward)(loss)
         valid = batch.mask > 0
+        sums = drift_sums(
+            token_batch.student_logprobs, batch.behavior_logprobs, batch.mask, inputs.trust_region
+        )
+        drift = add_sums(drift, sums)
         gap_sum += float((token_batch.student_logprobs.detach() - batch.behavior_logprobs)[valid].abs().sum())
         loss_sum += loss.item()
         tokens += int(batch.attention_mask.sum())
@@ -95,10 +102,25 @@ def accumulate_gradients(
         for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
             if k != "tokens":
                 totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
-    out = {**totals, "loss": loss_sum, "tokens": tokens, "response_tokens": response_tokens}
+    out = {
+        **totals,
+        **drift_metrics(_all_ranks_sum(accelerator, drift)),
+        "loss": loss_sum,
+        "tokens": tokens,
+        "response_tokens": response_tokens,
+    }
     if inputs.ratio_to_sampler:
         out["sampler_logprob_gap"] = gap_sum / max(1, response_tokens)
     return out
+
+
+def _all_ranks_sum(accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Drift sums over every process, so the drift metrics describe the global batch."""
+    if accelerator is None or accelerator.num_processes == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    total = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+    return dict(zip(keys, total.tolist()))
 
 
 def _micro_batch_loss(model, chunk: list[dict], batch, inputs: UpdateInputs, seen_gold: set[str]):
@@ -133,16 +155,22 @@ def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, ste
         raise TrainingError(
             f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
         )
+    lr = scheduler.get_last_lr()[0]  # this step's rate (scheduler.step() moves on to the next)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+    return {"grad_norm": float(grad_norm), "lr": lr}
 
 
 def make_optimizer(model, flags):
-    """AdamW with the flags' betas and weight decay, and a constant learning rate (as in the paper)."""
+    """AdamW with the flags' betas and weight decay; a constant learning rate (as in the paper) after
+    ``flags.warmup_steps`` of linear warmup (offline, nothing resamples the damage of Adam's first
+    full-size steps away; METHODS §9)."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=flags.lr, betas=(flags.beta1, flags.beta2), weight_decay=flags.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    warmup = flags.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
     return optimizer, scheduler
