@@ -39,12 +39,22 @@ from lightning_opd.modeling import (
     resolve_dtype,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
-from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
+from lightning_opd.rollout import (
+    BEHAVIOR_LOGPROBS_DISTRIBUTION,
+    SAMPLING_LOGPROBS_DISTRIBUTION,
+    SamplingConfig,
+    make_sampler,
+)
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.reader import read_part
 from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.store.writer import read_saved_header
-from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS, compute_store_id
+from storage_schemas.logprob_store_v1 import (
+    ROLLOUTS_SUBDIR,
+    SAMPLING_COLUMN,
+    TOPK_TAIL_TREATMENTS,
+    compute_store_id,
+)
 
 
 @dataclass
@@ -194,7 +204,10 @@ def sampling_section(backend: str, backend_version: str, config) -> dict:
         "top_p": config.top_p,
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
+        # Which sampler log-prob column holds what (vLLM's LogprobsMode names): raw (temperature 1,
+        # full vocabulary) vs the distribution each token was drawn from (temperature + top-p).
         "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+        "sampling_logprobs": SAMPLING_LOGPROBS_DISTRIBUTION,
     }
 
 
@@ -321,7 +334,13 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
         header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
     num_parts = math.ceil(len(keep) / config.part_size)
     writer = StoreWriter(
-        out, header, num_parts=num_parts, topk=None, with_text=config.keep_text, with_reward=True
+        out,
+        header,
+        num_parts=num_parts,
+        topk=None,
+        with_text=config.keep_text,
+        with_reward=True,
+        with_sampling=True,
     )
     mine = my_parts(num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)  # checksums each of this worker's shards once
@@ -345,6 +364,7 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
                 "prompt_ids": r.prompt_ids,
                 "response_ids": r.response_ids,
                 "behavior_logprobs": r.behavior_logprobs,
+                "sampling_logprobs": r.sampling_logprobs,
                 "teacher_logprobs": None,
                 "finish_reason": r.finish_reason,
                 "reward": None
@@ -400,6 +420,7 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
         topk=config.topk or None,
         with_text="response_text" in columns,
         with_reward="reward" in columns,
+        with_sampling=SAMPLING_COLUMN in columns,
     )
     mine = my_parts(writer.num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)

@@ -224,7 +224,7 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, topk: int | Non
         if unknown:
             raise StoreError(
                 f"row prompt_id={pid!r} has columns {unknown} that this store does not keep; open the "
-                "writer with the matching options (topk / with_reward / with_text) or drop them"
+                "writer with the matching options (topk / with_reward / with_text / with_sampling) or drop them"
             )
         missing = sorted(n for n in names - set(row) if n not in nullable)
         if missing:
@@ -350,6 +350,7 @@ class StoreWriter:
         topk: int | None = None,
         with_text: bool = False,
         with_reward: bool = False,
+        with_sampling: bool = False,
     ) -> None:
         problems = fmt.header_problems(header)
         if problems:
@@ -362,7 +363,9 @@ class StoreWriter:
         self.kind: str = header["kind"]
         self.num_parts = num_parts
         self.topk = topk
-        self.schema = fmt.store_schema(self.kind, topk=topk, with_reward=with_reward, with_text=with_text)
+        self.schema = fmt.store_schema(
+            self.kind, topk=topk, with_reward=with_reward, with_text=with_text, with_sampling=with_sampling
+        )
         self._options = {"num_parts": num_parts, "columns": self.schema.names}
         self._refuse_foreign_directory()
         for sub in (fmt.DATA_DIR, fmt.COMMITS_DIR, fmt.LOCKS_DIR):
