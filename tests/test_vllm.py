@@ -328,6 +328,8 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
     assert "OK" in lopd("store", "verify", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"]["backend"] == "vllm" and manifest["stats"]["num_rollouts"] == 2 * len(PROMPTS)
+    assert "sampling_logprobs" in manifest["columns"]
+    assert manifest["sampling"]["sampling_logprobs"] == "processed_logprobs"
     # The same rollouts scored through vLLM's prompt_logprobs agree with the transformers scorer.
     vllm_scored = tmp_path / "store-vllm-scored"
     lopd(
