@@ -46,6 +46,7 @@ from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.verifiers import VERIFIERS, check_verifier, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     ROLLOUTS_SUBDIR,
+    SAMPLING_COLUMN,
     TOPK_TAIL_TREATMENTS,
     compute_store_id,
     prompt_set_section,
@@ -307,7 +308,13 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
         header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
     num_parts = math.ceil(len(keep) / config.part_size)
     writer = StoreWriter(
-        out, header, num_parts=num_parts, topk=None, with_text=config.keep_text, with_reward=True
+        out,
+        header,
+        num_parts=num_parts,
+        topk=None,
+        with_text=config.keep_text,
+        with_reward=True,
+        with_sampling=True,
     )
     mine = my_parts(num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)  # checksums each of this worker's shards once
@@ -331,6 +338,7 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
                 "prompt_ids": r.prompt_ids,
                 "response_ids": r.response_ids,
                 "behavior_logprobs": r.behavior_logprobs,
+                "sampling_logprobs": r.sampling_logprobs,
                 "teacher_logprobs": None,
                 "finish_reason": r.finish_reason,
                 "reward": None
@@ -386,6 +394,7 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
         topk=config.topk or None,
         with_text="response_text" in columns,
         with_reward="reward" in columns,
+        with_sampling=SAMPLING_COLUMN in columns,
     )
     mine = my_parts(writer.num_parts, config.shard_index, config.num_shards)
     done = writer.committed_parts(mine)

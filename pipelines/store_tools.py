@@ -176,7 +176,11 @@ def run_finalize(config: FinalizeConfig) -> int:
 
 
 def _column_options(columns: list[str]) -> dict[str, bool]:
-    return {"with_text": fmt.TEXT_COLUMN in columns, "with_reward": fmt.REWARD_COLUMN in columns}
+    return {
+        "with_text": fmt.TEXT_COLUMN in columns,
+        "with_reward": fmt.REWARD_COLUMN in columns,
+        "with_sampling": fmt.SAMPLING_COLUMN in columns,
+    }
 
 
 def _finish_reasons(values: list[str] | None) -> tuple[str, ...]:

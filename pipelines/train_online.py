@@ -202,6 +202,7 @@ def open_online_store(config: OnlineConfig, records, student_id, teacher_id, con
         topk=config.topk or None,
         with_text=True,
         with_reward=True,
+        with_sampling=True,
     )
 
 

@@ -41,10 +41,14 @@ Three rules hold everywhere:
   (written last, atomically) lists it with its size and sha256. Readers open only listed shards.
 - **Token ids, never re-tokenised text.** `response_ids` are exactly what the student sampled; the
   log-prob columns are aligned with them position by position.
-- **Say which distribution a number belongs to.** Behaviour log-probs are under the *sampling*
-  distribution (after temperature/top-p, see `sampling.behavior_logprobs`), teacher log-probs under
-  the teacher at temperature 1 over the full vocabulary, and `topk.tail_treatment` says what a
-  consumer does with the mass outside the stored top-k.
+- **Say which distribution a number belongs to.** Behaviour log-probs are the student's *raw*
+  log-probs (temperature 1, full vocabulary: `sampling.behavior_logprobs` is `raw_logprobs`);
+  sampling log-probs (format 1.1+, optional) are under the distribution each token was drawn from
+  (temperature and top-p applied, renormalised over the nucleus: `sampling.sampling_logprobs` is
+  `processed_logprobs`); teacher log-probs are under the teacher at temperature 1 over the full
+  vocabulary, and `topk.tail_treatment` says what a consumer does with the mass outside the stored
+  top-k. OPD's reverse-KL advantage and a trust region around the sampler use the raw behaviour
+  log-probs; an importance ratio to the sampler uses the sampling log-probs.
 """
 
 DERIVED = f"""\
@@ -79,6 +83,9 @@ VERSIONING = f"""\
   lineage), or `lopd precompute` to rebuild from the models. A v1 reader refuses a v2 store and
   says to upgrade lightning-opd.
 - Adding a field to `IDENTITY_FIELDS` changes every store_id: that is a major change.
+- History: 1.0, the first format; 1.1 added the optional `sampling_logprobs` column and the
+  manifest's `sampling.sampling_logprobs` (1.0 stores lack both and are read as they are; training
+  then has no sampling-distribution log-probs, and stores with and without the column do not merge).
 """
 
 

@@ -33,7 +33,8 @@ from lightning_opd.config import from_dict, to_dict
 from lightning_opd.errors import StoreError, StoreVersionError
 
 FORMAT_NAME = "lightning-opd-logprob-store"
-FORMAT_VERSION = "1.0"  # major.minor: a new major breaks readers, a new minor only adds
+FORMAT_VERSION = "1.1"  # major.minor: a new major breaks readers, a new minor only adds
+# 1.1 added the optional sampling_logprobs column (1.0 stores lack it and stay readable).
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
@@ -87,6 +88,11 @@ REQUIRED_COLUMNS = (
 TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
 REWARD_COLUMN = "reward"
 TEXT_COLUMN = "response_text"
+SAMPLING_COLUMN = "sampling_logprobs"  # since 1.1
+# What the manifest's sampling section records for the two sampler log-prob columns (vLLM's
+# LogprobsMode names for the same quantities).
+BEHAVIOR_LOGPROBS_MODE = "raw_logprobs"
+SAMPLING_LOGPROBS_MODE = "processed_logprobs"
 
 COLUMN_DESCRIPTIONS: dict[str, str] = {
     "prompt_id": "Stable id of the prompt in the prompt set (the same id for all n samples of a prompt).",
@@ -94,9 +100,16 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "prompt_ids": "Token ids of the prompt exactly as fed to the student (chat template applied).",
     "response_ids": "Token ids the student sampled, exactly as sampled (never re-tokenised); may be empty.",
     "behavior_logprobs": (
-        "Raw log-prob of each sampled token under the student's full distribution (temperature 1, "
-        "no top-p), whatever temperature/top-p the sampler drew with; the manifest's "
-        "sampling.behavior_logprobs names this distribution ('raw_logprobs')."
+        "Raw log-prob of each sampled token under the sampling model (log-softmax of its logits at "
+        "temperature 1 over the full vocabulary, before temperature/top-p; the manifest's "
+        "sampling.behavior_logprobs says 'raw_logprobs'): what OPD's reverse-KL advantage and a trust "
+        "region around pi_ref use."
+    ),
+    SAMPLING_COLUMN: (
+        "Optional (format 1.1+): log-prob of each sampled token under the distribution it was drawn "
+        "from: temperature and top-p applied, renormalised over the nucleus; 0 for greedy (temperature "
+        "0). What an importance ratio to the sampler uses; the manifest's sampling.sampling_logprobs "
+        "says 'processed_logprobs'."
     ),
     "teacher_logprobs": (
         "Teacher log-prob (temperature 1, full vocabulary) of each sampled token given the prompt and "
@@ -119,7 +132,12 @@ def _list_of(value_type: pa.DataType) -> pa.DataType:
 
 
 def store_schema(
-    kind: str = KIND_SCORED, *, topk: int | None = None, with_reward: bool = False, with_text: bool = False
+    kind: str = KIND_SCORED,
+    *,
+    topk: int | None = None,
+    with_reward: bool = False,
+    with_text: bool = False,
+    with_sampling: bool = False,
 ) -> pa.Schema:
     """The exact Arrow schema of a store's shards for the given options (column order is fixed)."""
     if kind not in KINDS:
@@ -132,6 +150,7 @@ def store_schema(
         pa.field("prompt_ids", _list_of(pa.int32()), nullable=False),
         pa.field("response_ids", _list_of(pa.int32()), nullable=False),
         pa.field("behavior_logprobs", _list_of(pa.float32()), nullable=False),
+        *([pa.field(SAMPLING_COLUMN, _list_of(pa.float32()), nullable=False)] if with_sampling else []),
         pa.field("teacher_logprobs", _list_of(pa.float32()), nullable=kind == KIND_ROLLOUTS),
         pa.field("finish_reason", pa.string(), nullable=False),
     ]
@@ -153,8 +172,8 @@ def store_schema(
 
 def describe_format() -> str:
     """Markdown reference of the format (layout, columns, encodings), generated from the definitions here."""
-    schema = store_schema(KIND_SCORED, topk=1, with_reward=True, with_text=True)
-    optional = {*TOPK_COLUMNS, REWARD_COLUMN, TEXT_COLUMN}
+    schema = store_schema(KIND_SCORED, topk=1, with_reward=True, with_text=True, with_sampling=True)
+    optional = {*TOPK_COLUMNS, REWARD_COLUMN, TEXT_COLUMN, SAMPLING_COLUMN}
     lines = [
         f"# {FORMAT_NAME}, format {FORMAT_VERSION}",
         "",
@@ -182,7 +201,12 @@ def describe_format() -> str:
 
 def schema_options(columns: list[str] | tuple[str, ...], topk: int | None) -> dict[str, Any]:
     """The ``store_schema`` keyword options that produce exactly ``columns``."""
-    return {"topk": topk, "with_reward": REWARD_COLUMN in columns, "with_text": TEXT_COLUMN in columns}
+    return {
+        "topk": topk,
+        "with_reward": REWARD_COLUMN in columns,
+        "with_text": TEXT_COLUMN in columns,
+        "with_sampling": SAMPLING_COLUMN in columns,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +340,9 @@ HEADER_KEYS = (
 # raw log-prob of the sampled token under the model's unmodified distribution (temperature 1, no
 # top-p), whatever temperature/top-p they sampled with (vLLM's ``logprobs_mode`` of the same name).
 BEHAVIOR_LOGPROBS_DISTRIBUTION = "raw_logprobs"
+# What the optional sampling log-probs are (manifest ``sampling.sampling_logprobs``): vLLM's name for
+# log-probs after temperature and top-p, renormalised over the nucleus; the distribution drawn from.
+SAMPLING_LOGPROBS_DISTRIBUTION = SAMPLING_LOGPROBS_MODE
 
 
 def sampling_section(backend: str, backend_version: str, config: Any) -> dict[str, Any]:
@@ -328,7 +355,10 @@ def sampling_section(backend: str, backend_version: str, config: Any) -> dict[st
         "top_p": config.top_p,
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
+        # Which sampler log-prob column holds what (vLLM's LogprobsMode names): raw (temperature 1,
+        # full vocabulary) vs the distribution each token was drawn from (temperature + top-p).
         "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+        "sampling_logprobs": SAMPLING_LOGPROBS_DISTRIBUTION,
     }
 
 
@@ -841,7 +871,7 @@ def batch_problems(batch: pa.RecordBatch | pa.Table, *, kind: str, topk: int | N
     """Violations of the row invariants in a batch, each naming the prompt_id (and position).
 
     Invariants: required values present; finish_reason known; sample_index >= 0; prompts non-empty;
-    ids >= 0; behaviour, teacher and top-k columns as long as response_ids; teacher log-probs present
+    ids >= 0; behaviour, sampling (when present), teacher and top-k columns as long as response_ids; teacher log-probs present
     in a 'scored' store and absent in a 'rollouts' store; top-k rows of exactly k; every log-prob
     finite and <= 0 (within LOGPROB_TOLERANCE). Empty responses are valid.
     """
@@ -864,7 +894,7 @@ def batch_problems(batch: pa.RecordBatch | pa.Table, *, kind: str, topk: int | N
         problems += _value_problems(name, values, lengths, ids, nonpositive=False)
 
     teacher = batch.column("teacher_logprobs")
-    checked = ["behavior_logprobs"]
+    checked = ["behavior_logprobs"] + ([SAMPLING_COLUMN] if SAMPLING_COLUMN in batch.schema.names else [])
     if kind == KIND_SCORED:
         checked.append("teacher_logprobs")
     elif teacher.null_count != len(teacher):

@@ -20,6 +20,7 @@ from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients
 from lightning_opd.store import open_store
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 from pipelines import train_online
+from storage_schemas import logprob_store_v1 as fmt
 
 QUIET = dict(log=lambda *_: None)
 
@@ -183,6 +184,10 @@ def test_train_online_end_to_end_through_the_cli(sft_student_dir, micro_teacher_
     assert written.kind == "scored" and written.num_rows == 18 and written.manifest.num_parts == 3
     assert written.manifest.student["fingerprint"] == model_fingerprint(sft_student_dir)
     assert "online" in written.manifest.extra and prov.inputs["store"]["store_id"] == written.store_id
+    # The online rollouts carry the sampling distribution's log-probs too (format 1.1).
+    assert fmt.SAMPLING_COLUMN in written.columns
+    assert written.manifest.sampling["sampling_logprobs"] == fmt.SAMPLING_LOGPROBS_MODE
+    assert all(len(r[fmt.SAMPLING_COLUMN]) == len(r["response_ids"]) for r in written.iter_rows())
 
 
 def test_train_online_refuses_a_teacher_that_is_not_the_sft_teacher(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -147,6 +148,53 @@ def test_behavior_logprobs_equal_a_naive_rescore(sharp_model, char_tokenizer):
         worst_tempered = max(worst_tempered, (ours - tempered).abs().max().item())
     assert worst < 1e-4
     assert worst_tempered > 1e-2  # the test can tell the raw distribution from the sampling one
+
+
+def naive_sampling_logprobs(model, prompt, response, temperature, top_p):
+    """log q(y): full softmax at ``temperature``, vLLM's nucleus (mass before < top_p), renormalise, log."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+    out = []
+    for row, token in zip(logits, response):
+        probs = torch.softmax(row / temperature, dim=-1)
+        order = probs.argsort(descending=True)
+        before = probs[order].cumsum(0) - probs[order]
+        kept = order[before < top_p]
+        assert token in kept.tolist(), "the sampled token lies outside the nucleus"
+        out.append(math.log(probs[token].item() / probs[kept].sum().item()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.9), (1.0, 1.0), (0.0, 1.0)])
+def test_sampling_logprobs_equal_a_naive_recompute(sharp_model, char_tokenizer, temperature, top_p):
+    # log q(y) of the tempered, renormalised nucleus each token was drawn from; raw at T=1/top-p 1; 0 greedy.
+    config = SamplingConfig(
+        n=2 if temperature else 1, temperature=temperature, top_p=top_p, max_new_tokens=20, batch_size=8
+    )
+    prompt_ids, keys = encode(char_tokenizer)
+    rollouts = TransformersSampler(sharp_model, char_tokenizer, config, "cpu").sample(
+        prompt_ids, keys, seed=3
+    )
+    worst, gap_to_raw, gap_to_untruncated = 0.0, 0.0, 0.0
+    for r in rollouts:
+        ours = torch.tensor(r.sampling_logprobs, dtype=torch.float64)
+        assert len(r.sampling_logprobs) == len(r.response_ids) >= 1
+        if temperature == 0:
+            assert ours.abs().max().item() == 0.0
+            continue
+        naive = naive_sampling_logprobs(sharp_model, r.prompt_ids, r.response_ids, temperature, top_p)
+        worst = max(worst, (ours - naive).abs().max().item())
+        untruncated = naive_sampling_logprobs(sharp_model, r.prompt_ids, r.response_ids, temperature, 1.0)
+        gap_to_untruncated = max(gap_to_untruncated, (ours - untruncated).abs().max().item())
+        gap_to_raw = max(gap_to_raw, (ours - torch.tensor(r.behavior_logprobs).double()).abs().max().item())
+    print(f"T={temperature} top-p={top_p}: sampling_logprobs vs naive recompute, max |diff| {worst:.2e}")
+    assert worst < 1e-4
+    if temperature == 1.0 and top_p == 1.0:
+        assert gap_to_raw == 0.0  # the same distribution: identical numbers
+    elif temperature:
+        assert gap_to_raw > 1e-2  # the test can tell the sampling distribution from the raw one
+        assert gap_to_untruncated > 1e-2  # ... and the renormalised nucleus from the whole tempered softmax
 
 
 def test_deterministic_per_seed(sharp_model, char_tokenizer):

@@ -56,7 +56,7 @@ def make_header(kind: str = "scored", topk: int | None = None, **overrides) -> d
             "top_p": 0.9,
             "max_new_tokens": 48,
             "seed": 0,
-            "behavior_logprobs": "log-prob under the temperature/top-p sampling distribution",
+            "behavior_logprobs": "raw_logprobs",
         },
         "horizon": 48,
         "prompt_set": {"source": "synthetic", "content_hash": "c" * 64, "num_prompts": 100},
@@ -76,6 +76,7 @@ def make_rows(
     topk: int | None = None,
     with_text: bool = False,
     with_reward: bool = False,
+    with_sampling: bool = False,
 ) -> list[dict]:
     """Deterministic synthetic rows of one part: lengths 0..47 (some empty), mixed finish reasons."""
     rng = np.random.default_rng(1000 + part)
@@ -102,6 +103,8 @@ def make_rows(
                 )
             if with_reward:
                 row["reward"] = float(p % 2) if p != 3 else None
+            if with_sampling:
+                row[fmt.SAMPLING_COLUMN] = -rng.exponential(0.3, length)
             rows.append(row)
     return rows
 
@@ -114,17 +117,15 @@ def write_store(
     topk: int | None = None,
     with_text: bool = False,
     with_reward: bool = False,
+    with_sampling: bool = False,
     header: dict | None = None,
 ) -> Path:
     """Write and finalize a complete synthetic store at ``root``."""
     header = header or make_header(kind, topk)
-    writer = StoreWriter(
-        root, header, num_parts=num_parts, topk=topk, with_text=with_text, with_reward=with_reward
-    )
+    options = dict(with_text=with_text, with_reward=with_reward, with_sampling=with_sampling)
+    writer = StoreWriter(root, header, num_parts=num_parts, topk=topk, **options)
     for part in range(num_parts):
-        writer.write_part(
-            part, make_rows(part, kind=kind, topk=topk, with_text=with_text, with_reward=with_reward)
-        )
+        writer.write_part(part, make_rows(part, kind=kind, topk=topk, **options))
     writer.finalize()
     return root
 
@@ -158,7 +159,12 @@ def test_schema_options_and_column_names():
         pa.field("element", pa.list_(pa.field("element", pa.int32(), nullable=False)), nullable=False)
     )
     assert set(full.names) <= set(fmt.COLUMN_DESCRIPTIONS)
-    assert fmt.schema_options(full.names, 8) == {"topk": 8, "with_reward": True, "with_text": True}
+    assert fmt.schema_options(full.names, 8) == {
+        "topk": 8,
+        "with_reward": True,
+        "with_text": True,
+        "with_sampling": False,
+    }
     with pytest.raises(StoreError, match="got 'online'"):
         fmt.store_schema("online")
     with pytest.raises(StoreError, match="got 0"):

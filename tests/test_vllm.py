@@ -152,6 +152,35 @@ def test_behavior_logprobs_match_a_transformers_rescore(rollouts, hf_model):
     assert max(tempered) > 1e-2  # raw (T=1) log-probs, not the sampling distribution's
 
 
+def naive_sampling_logprobs(model, prompt, response, temperature, top_p):
+    """log q(y): full softmax at ``temperature`` (float64), nucleus (mass before < top_p), renormalise, log."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    kept = torch.zeros_like(probs).scatter_(-1, order, ordered * ((ordered.cumsum(-1) - ordered) < top_p))
+    picked = kept.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+    assert (picked > 0).all(), "a sampled token lies outside the nucleus"
+    return (picked / kept.sum(-1)).log().numpy()
+
+
+def test_sampling_logprobs_are_the_tempered_nucleus(rollouts, hf_model, config):
+    # processed_logprobs: temperature and top-p applied, renormalised over the nucleus.
+    diffs, raw_gap = [], []
+    for r in rollouts:
+        ours = np.asarray(r.sampling_logprobs)
+        assert len(ours) == len(r.response_ids)
+        naive = naive_sampling_logprobs(
+            hf_model, r.prompt_ids, r.response_ids, config.temperature, config.top_p
+        )
+        diffs.append(np.abs(ours - naive).max())
+        raw_gap.append(np.abs(ours - np.asarray(r.behavior_logprobs)).max())
+    print(f"vLLM sampling_logprobs vs naive tempered nucleus: max |diff| {max(diffs):.2e}")
+    assert max(diffs) < TOLERANCE
+    assert max(raw_gap) > 1e-2  # the test can tell the two distributions apart
+
+
 def test_same_seed_same_rollouts_other_seed_others(sampler, rollouts, prompts):
     assert sampler.sample(*prompts, seed=1) == rollouts
     assert tokens(sampler.sample(*prompts, seed=2)) != tokens(rollouts)
@@ -165,10 +194,13 @@ def test_rollouts_do_not_depend_on_batch_mates(sampler, rollouts, prompts):
 
 def test_horizon_is_capped_by_the_context(sampler, tokenizer):
     prompt = list(range(10, 90)) + list(range(10, 50))  # 120 tokens: room for 8 of the 48
+    room = sampler.max_context - len(prompt)  # the raw-log-prob prefill takes one position (7 left)
+    assert room == SAMPLER_CONTEXT - len(prompt) - int(sampler.raw_pass)
     rollouts = sampler.sample([prompt], ["long"], seed=1)
     for r in rollouts:
-        assert len(r.response_ids) <= 8
-        assert r.finish_reason == "stop" or len(r.response_ids) == 8
+        assert len(r.response_ids) <= room
+        assert r.finish_reason == "stop" or len(r.response_ids) == room
+        assert len(r.behavior_logprobs) == len(r.sampling_logprobs) == len(r.response_ids)
     with pytest.raises(InputError, match="no room"):
         sampler.sample([list(range(10, 90)) * 2][:1], ["too-long"], seed=1)
 
@@ -185,6 +217,23 @@ def test_greedy_matches_the_transformers_sampler(sampler, config, prompts, hf_mo
     assert [r.finish_reason for r in from_vllm] == [r.finish_reason for r in from_hf]
     for a, b in zip(from_vllm, from_hf):
         np.testing.assert_allclose(a.behavior_logprobs, b.behavior_logprobs, atol=TOLERANCE)
+        assert a.sampling_logprobs == b.sampling_logprobs == [0.0] * len(a.response_ids)  # a point mass
+
+
+def test_temperature_1_without_top_p_skips_the_raw_pass(sampler, config, prompts, hf_model):
+    plain = dataclasses.replace(config, n=1, temperature=1.0, top_p=1.0, max_new_tokens=16)
+    saved = sampler.config, sampler.raw_pass
+    sampler.config, sampler.raw_pass = plain, False
+    try:
+        rollouts = sampler.sample(*prompts, seed=1)
+    finally:
+        sampler.config, sampler.raw_pass = saved
+    worst = 0.0
+    for r in rollouts:
+        assert r.sampling_logprobs == r.behavior_logprobs  # the same distribution, one set of numbers
+        naive = naive_logprobs(hf_model, r.prompt_ids, r.response_ids)
+        worst = max(worst, np.abs(np.asarray(r.behavior_logprobs) - naive).max())
+    assert worst < TOLERANCE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +328,8 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
     assert "OK" in lopd("store", "verify", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"]["backend"] == "vllm" and manifest["stats"]["num_rollouts"] == 2 * len(PROMPTS)
+    assert "sampling_logprobs" in manifest["columns"]
+    assert manifest["sampling"]["sampling_logprobs"] == "processed_logprobs"
     # The same rollouts scored through vLLM's prompt_logprobs agree with the transformers scorer.
     vllm_scored = tmp_path / "store-vllm-scored"
     lopd(

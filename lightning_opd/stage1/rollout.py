@@ -12,7 +12,9 @@ Conventions both backends follow, so a store does not depend on which one wrote 
   stop) and has ``finish_reason="stop"``; one cut by the horizon has ``finish_reason="length"``.
 - ``behavior_logprobs[t]`` is the log-softmax of the model's *raw* logits at temperature 1 for the
   sampled token, not the log-prob under the temperature/top-p distribution it was drawn from (see
-  ``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``).
+  ``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``). ``sampling_logprobs[t]`` is the
+  log-prob under that distribution, q(y) = softmax(z/τ) renormalised over the top-p nucleus (0 for
+  greedy; ``SAMPLING_LOGPROBS_DISTRIBUTION`` there): what an importance ratio to the sampler needs.
 - Sample ``s`` of prompt ``key`` is drawn with its own random stream seeded from ``(seed, key, s)``
   (``sample_seed``), so a rollout does not depend on which other prompts shared its batch, up to
   floating-point differences between batch shapes (which can flip a near-tie).
@@ -93,6 +95,8 @@ class Rollout:
     behavior_logprobs: list[float]  # one per response token: raw log-probs (see the module docstring)
     finish_reason: str  # "stop" | "length"
     response_text: str  # decoded without special tokens; for reading and grading only
+    # One per response token, see SAMPLING_LOGPROBS_DISTRIBUTION; None when the sampler did not give them.
+    sampling_logprobs: list[float] | None = None
 
 
 class Sampler(Protocol):
@@ -212,7 +216,8 @@ class _SeededTokenPicker:
     ``generate`` runs in greedy mode with this as its only processor. Each call it receives the raw
     fp32 logits of the last position ([B, V]: ``generate`` computes no others), samples one token per
     row from temperature + top-p with that row's own ``torch.Generator``, records the *raw*
-    log-softmax of the pick, and returns scores whose argmax is the pick.
+    log-softmax of the pick and its log-prob under the tempered nucleus it was drawn from
+    (renormalised; 0 for greedy), and returns scores whose argmax is the pick.
 
     Why not ``generate(do_sample=True)``: (1) its raw logits come only through ``output_logits``,
     which keeps [B, T, V] (≈ 600 GB for 64 × 16k tokens × 150k vocab); (2) it draws every row from
@@ -227,18 +232,30 @@ class _SeededTokenPicker:
         self.generators = generators
         self.picked: list[torch.Tensor] = []  # per step, [B] int64
         self.logprobs: list[torch.Tensor] = []  # per step, [B] fp32: O(B·T) in all
+        self.sampling_logprobs: list[torch.Tensor] = []  # per step, [B] fp32: log q(pick)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float()
+        sampled_logprob = None
         if self.temperature == 0:
             picked = scores.argmax(dim=-1)
         else:
-            probs = nucleus(torch.softmax(scores / self.temperature, dim=-1), self.top_p)
+            tempered = scores / self.temperature
+            probs = nucleus(torch.softmax(tempered, dim=-1), self.top_p)
             picked = torch.cat(
                 [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
             )
+            if not (self.temperature == 1 and self.top_p >= 1):
+                # log q(pick): the tempered log-softmax renormalised over the kept (nucleus) tokens.
+                logp = torch.log_softmax(tempered, dim=-1)
+                kept = logp.masked_fill(probs <= 0, -math.inf)
+                sampled_logprob = logp.gather(-1, picked[:, None]).squeeze(-1) - torch.logsumexp(kept, dim=-1)
         chosen = scores.gather(-1, picked[:, None]).squeeze(-1)
-        self.logprobs.append(chosen - torch.logsumexp(scores, dim=-1))
+        raw = chosen - torch.logsumexp(scores, dim=-1)
+        self.logprobs.append(raw)
+        if sampled_logprob is None:  # greedy: q(pick) = 1; temperature 1 without top-p: q is the raw p
+            sampled_logprob = torch.zeros_like(raw) if self.temperature == 0 else raw
+        self.sampling_logprobs.append(sampled_logprob)
         self.picked.append(picked)
         forced = torch.full_like(scores, -math.inf)
         return forced.scatter_(-1, picked[:, None], 0.0)
@@ -322,6 +339,7 @@ class TransformersSampler:
         new_tokens = sequences[:, input_ids.shape[1] :].tolist()
         picked = torch.stack(picker.picked, dim=1).tolist()
         logprobs = torch.stack(picker.logprobs, dim=1).tolist()
+        sampling_logprobs = torch.stack(picker.sampling_logprobs, dim=1).tolist()
 
         rollouts = []
         for row, ((_, sample_index), key, prompt, limit) in enumerate(zip(batch, keys, prompts, limits)):
@@ -338,6 +356,7 @@ class TransformersSampler:
                     behavior_logprobs=logprobs[row][:length],
                     finish_reason=reason,
                     response_text=self.tokenizer.decode(response, skip_special_tokens=True),
+                    sampling_logprobs=sampling_logprobs[row][:length],
                 )
             )
         return rollouts

@@ -9,11 +9,17 @@ The engine starts worker processes (multiprocessing with ``spawn``), so any scri
     if __name__ == "__main__":
         main()
 
-Log-prob semantics: both classes start the engine with ``logprobs_mode="raw_logprobs"`` (vLLM's
+Log-prob semantics: the scorer starts the engine with ``logprobs_mode="raw_logprobs"`` (vLLM's
 default, set explicitly so that a changed default cannot silently change the store): the log-softmax
 of the model's logits before temperature, penalties and top-p, i.e.
 ``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``, and the same raw distribution the transformers scorer
-(``lightning_opd.logprobs.score_sequences``) gives for the teacher.
+(``lightning_opd.logprobs.score_sequences``) gives for the teacher. The sampler needs both: it starts
+the engine with ``logprobs_mode="processed_logprobs"`` (``SAMPLING_LOGPROBS_DISTRIBUTION``),
+so each sampled token's log-prob is under the distribution it was drawn from (vLLM 0.32's sampler:
+logits / temperature, top-k/top-p masked to -inf, then log_softmax, i.e. renormalised over the
+nucleus), and gets the raw ones from one extra prefill of prompt+response whose prompt log-probs
+(``prompt_logprobs=0``) vLLM computes as the plain log_softmax of the logits in every mode. At
+temperature 1 without top-p the two are the same distribution and the extra pass is skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from lightning_opd.stage1.rollout import (
     plan_requests,
     sample_seed,
 )
-from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION
+from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION, SAMPLING_LOGPROBS_DISTRIBUTION
 
 # Engine arguments this module owns: letting ``extra`` override them would break the contracts above.
 _RESERVED_ENGINE_ARGS = ("model", "dtype", "logprobs_mode", "max_logprobs", "max_model_len")
@@ -80,7 +86,9 @@ class VLLMEngineConfig:
         )
 
 
-def _engine_kwargs(model_dir: str, dtype: str, engine: VLLMEngineConfig) -> dict[str, Any]:
+def _engine_kwargs(
+    model_dir: str, dtype: str, engine: VLLMEngineConfig, logprobs_mode: str = BEHAVIOR_LOGPROBS_DISTRIBUTION
+) -> dict[str, Any]:
     import torch
 
     check(dtype in DTYPES, f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -90,7 +98,7 @@ def _engine_kwargs(model_dir: str, dtype: str, engine: VLLMEngineConfig) -> dict
     kwargs = {
         "model": model_dir,
         "dtype": dtype,
-        "logprobs_mode": BEHAVIOR_LOGPROBS_DISTRIBUTION,
+        "logprobs_mode": logprobs_mode,
         "max_logprobs": engine.max_logprobs,
         "gpu_memory_utilization": utilization,
         "enforce_eager": engine.enforce_eager,
@@ -108,14 +116,16 @@ def _check_model_dir(model_dir: str | Path) -> str:
     return str(Path(check_model_dir(model_dir)).resolve())
 
 
-def _start_engine(model_dir: str, dtype: str, engine: VLLMEngineConfig):
+def _start_engine(
+    model_dir: str, dtype: str, engine: VLLMEngineConfig, logprobs_mode: str = BEHAVIOR_LOGPROBS_DISTRIBUTION
+):
     try:
         import vllm
     except ImportError as e:
         raise ConfigError(
             f"vLLM is not installed or does not import ({e}); pip install vllm, or run bash .ci/vllm_env.sh"
         ) from e
-    return vllm, vllm.LLM(**_engine_kwargs(model_dir, dtype, engine))
+    return vllm, vllm.LLM(**_engine_kwargs(model_dir, dtype, engine, logprobs_mode))
 
 
 def _shutdown(llm) -> None:
@@ -133,6 +143,13 @@ class VLLMSampler:
     the same seeding scheme as the transformers backend, independent of how vLLM batches requests.
     (vLLM's ``n>1`` derives child seeds as ``seed + i`` internally; the prompt's prefill is shared
     either way, by prefix caching.) vLLM's sampled token ids are kept as they are, never re-tokenised.
+
+    Log-probs (see the module docstring): the engine runs in ``processed_logprobs`` mode, so the
+    sampled tokens' log-probs are ``sampling_logprobs`` (0 for greedy, where q is a point mass); the
+    raw ``behavior_logprobs`` come from one prefill of prompt+response at temperature 1 with
+    ``prompt_logprobs=0`` (skipped at temperature 1 without top-p, where both are the same numbers).
+    The prefill needs one position beyond the response, so ``max_context`` is one less than the
+    engine's ``max_model_len`` whenever it runs.
     """
 
     name = "vllm"
@@ -153,10 +170,14 @@ class VLLMSampler:
         # The HF tokenizer (not vLLM's) decodes response_text, so both backends decode identically.
         self.tokenizer = load_tokenizer(self.model_dir)
         self.eos_ids = eos_token_ids(self.tokenizer, _generation_config(self.model_dir))
-        self._vllm, self.llm = _start_engine(self.model_dir, config.dtype, engine or VLLMEngineConfig())
+        self._vllm, self.llm = _start_engine(
+            self.model_dir, config.dtype, engine or VLLMEngineConfig(), SAMPLING_LOGPROBS_DISTRIBUTION
+        )
         self.version = self._vllm.__version__
         model_config = self.llm.llm_engine.model_config
-        self.max_context = int(model_config.max_model_len)
+        # Greedy or T=1 without top-p: the sampled-token log-probs are the raw ones (greedy: see _raw_pass).
+        self.raw_pass = not (config.temperature == 1 and config.top_p >= 1)
+        self.max_context = int(model_config.max_model_len) - (1 if self.raw_pass else 0)
         self.vocab_size = int(model_config.get_vocab_size())
 
     def _params(self, prompt_len: int, key: str, sample_index: int, seed: int):
@@ -183,10 +204,37 @@ class VLLMSampler:
         inputs = [{"prompt_token_ids": list(prompt_ids[i])} for i, _ in requests]
         params = [self._params(len(prompt_ids[i]), prompt_keys[i], s, seed) for i, s in requests]
         outputs = self.llm.generate(inputs, params, use_tqdm=self.progress)
-        return [
+        rollouts = [
             self._to_rollout(output, prompt_keys[i], s, list(prompt_ids[i]))
             for output, (i, s) in zip(outputs, requests)
         ]
+        if self.raw_pass:
+            self._raw_pass(rollouts)
+        return rollouts
+
+    def _raw_pass(self, rollouts: list[Rollout]) -> None:
+        """Replace each rollout's behaviour log-probs by the raw ones, from one prefill of prompt+response.
+
+        ``_to_rollout`` filled both fields with the engine's processed (sampling) log-probs. Greedy
+        rollouts were drawn from a point mass: their sampling log-probs become 0.
+        """
+        todo = [r for r in rollouts if r.response_ids]
+        params = self._vllm.SamplingParams(
+            max_tokens=1,  # vLLM must generate something; the one token is discarded
+            temperature=1.0,  # raw: prompt log-probs ignore the sampling settings, set neutral anyway
+            top_p=1.0,
+            prompt_logprobs=0,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+        inputs = [{"prompt_token_ids": r.prompt_ids + r.response_ids} for r in todo]
+        outputs = self.llm.generate(inputs, params, use_tqdm=self.progress) if todo else []
+        for r, output in zip(todo, outputs):
+            scored = _parse_prompt_logprobs(output.prompt_logprobs, len(r.prompt_ids), r.response_ids, 0)
+            r.behavior_logprobs = [float(x) for x in scored.logprobs]
+        if self.config.greedy:
+            for r in rollouts:
+                r.sampling_logprobs = [0.0] * len(r.response_ids)
 
     def _to_rollout(self, output, key: str, sample_index: int, prompt: list[int]) -> Rollout:
         completion = output.outputs[0]
@@ -213,9 +261,10 @@ class VLLMSampler:
             sample_index=sample_index,
             prompt_ids=prompt,
             response_ids=response,
-            behavior_logprobs=[float(x) for x in flat.logprobs],
+            behavior_logprobs=[float(x) for x in flat.logprobs],  # replaced by _raw_pass when it runs
             finish_reason=reason,
             response_text=self.tokenizer.decode(response, skip_special_tokens=True),
+            sampling_logprobs=[float(x) for x in flat.logprobs],
         )
 
     def close(self) -> None:

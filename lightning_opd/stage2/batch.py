@@ -36,6 +36,8 @@ class Batch:
     mask: torch.Tensor  # [B, S-1] float: 1 on response tokens inside the horizon
     teacher_logprobs: torch.Tensor  # [B, S-1]
     behavior_logprobs: torch.Tensor  # [B, S-1]
+    # [B, S-1]: the distribution each token was drawn from (temperature + top-p); None when a row lacks it
+    sampling_logprobs: torch.Tensor | None = None
     teacher_topk_ids: torch.Tensor | None = None  # [B, S-1, K]
     teacher_topk_logprobs: torch.Tensor | None = None
     keys: list[tuple[str, int]] | None = None  # (prompt_id, sample_index) per row, for error messages
@@ -63,6 +65,9 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
     mask = torch.zeros((b, width - 1))
     teacher = torch.zeros((b, width - 1))
     behavior = torch.zeros((b, width - 1))
+    # Only when every row has them (a format 1.0 store, or a mix with one, lacks them): no partial ratios.
+    has_sampling = all(r.get("sampling_logprobs") is not None for r in rows)
+    sampling = torch.zeros((b, width - 1)) if has_sampling else None
     topk_ids = torch.zeros((b, width - 1, topk), dtype=torch.long) if topk else None
     topk_lp = torch.zeros((b, width - 1, topk)) if topk else None
     for i, (r, c) in enumerate(zip(rows, cut)):
@@ -78,6 +83,8 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
         mask[i, cols] = 1.0
         teacher[i, cols] = torch.as_tensor(np.asarray(r["teacher_logprobs"][:c], dtype=np.float32))
         behavior[i, cols] = torch.as_tensor(np.asarray(r["behavior_logprobs"][:c], dtype=np.float32))
+        if has_sampling:
+            sampling[i, cols] = torch.as_tensor(np.asarray(r["sampling_logprobs"][:c], dtype=np.float32))
         if topk:
             topk_ids[i, cols] = torch.as_tensor(np.asarray(r["teacher_topk_ids"][:c], dtype=np.int64))
             topk_lp[i, cols] = torch.as_tensor(np.asarray(r["teacher_topk_logprobs"][:c], dtype=np.float32))
@@ -88,6 +95,7 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
         mask=mask,
         teacher_logprobs=teacher,
         behavior_logprobs=behavior,
+        sampling_logprobs=sampling,
         teacher_topk_ids=topk_ids,
         teacher_topk_logprobs=topk_lp,
         keys=[(r["prompt_id"], int(r["sample_index"])) for r in rows],
@@ -123,6 +131,7 @@ def student_token_batch(model, batch: Batch, *, needs_topk: bool, chunk_size: in
         student_logprobs=student,
         teacher_logprobs=batch.teacher_logprobs,
         behavior_logprobs=batch.behavior_logprobs,
+        sampling_logprobs=batch.sampling_logprobs,
         mask=batch.mask,
         teacher_topk_ids=batch.teacher_topk_ids,
         teacher_topk_logprobs=batch.teacher_topk_logprobs,

@@ -77,6 +77,7 @@ def rollout_rows(
             "prompt_ids": r.prompt_ids,
             "response_ids": r.response_ids,
             "behavior_logprobs": r.behavior_logprobs,
+            "sampling_logprobs": r.sampling_logprobs,
             "teacher_logprobs": s.logprobs.tolist(),
             "finish_reason": r.finish_reason,
             "reward": None if rewards is None else rewards[i],

@@ -116,7 +116,7 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, topk: int | Non
         if unknown:
             raise StoreError(
                 f"row prompt_id={pid!r} has columns {unknown} that this store does not keep; open the "
-                "writer with the matching options (topk / with_reward / with_text) or drop them"
+                "writer with the matching options (topk / with_reward / with_text / with_sampling) or drop them"
             )
         missing = sorted(n for n in names - set(row) if n not in nullable)
         if missing:

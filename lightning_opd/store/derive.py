@@ -105,6 +105,7 @@ def _writer(dst: Path, header: dict[str, Any], num_parts: int, columns: list[str
     return StoreWriter(
         dst, header, num_parts=num_parts, topk=options["topk"],
         with_text=options["with_text"], with_reward=options["with_reward"],
+        with_sampling=options["with_sampling"],
     )  # fmt: skip
 
 

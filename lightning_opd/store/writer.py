@@ -145,6 +145,7 @@ class StoreWriter:
         num_parts: int,
         topk: int | None = None,
         with_text: bool = False,
+        with_sampling: bool = False,
         with_reward: bool = False,
     ) -> None:
         problems = fmt.header_problems(header)
@@ -158,7 +159,9 @@ class StoreWriter:
         self.kind: str = header["kind"]
         self.num_parts = num_parts
         self.topk = topk
-        self.schema = fmt.store_schema(self.kind, topk=topk, with_reward=with_reward, with_text=with_text)
+        self.schema = fmt.store_schema(
+            self.kind, topk=topk, with_reward=with_reward, with_text=with_text, with_sampling=with_sampling
+        )
         self._options = {"num_parts": num_parts, "columns": self.schema.names}
         self._refuse_foreign_directory()
         for sub in (fmt.DATA_DIR, fmt.COMMITS_DIR, fmt.LOCKS_DIR):
