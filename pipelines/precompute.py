@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
@@ -33,18 +32,30 @@ from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
     check_same_tokenizer,
     load_causal_lm,
+    load_config,
     load_tokenizer,
     model_identity,
     resolve_device,
     resolve_dtype,
 )
-from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.prompts import (
+    check_chat_template_mode,
+    encode_prompt,
+    load_prompts,
+    prompt_set_hash,
+    unencodable,
+)
 from lightning_opd.rollout import BEHAVIOR_LOGPROBS_DISTRIBUTION, SamplingConfig, make_sampler
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.reader import read_part
 from lightning_opd.store.registry import check_not_duplicate, register
-from lightning_opd.store.writer import read_saved_header
-from storage_schemas.logprob_store_v1 import ROLLOUTS_SUBDIR, TOPK_TAIL_TREATMENTS, compute_store_id
+from lightning_opd.store.writer import file_lock, read_saved_header
+from storage_schemas.logprob_store_v1 import (
+    LOCKS_DIR,
+    ROLLOUTS_SUBDIR,
+    TOPK_TAIL_TREATMENTS,
+    compute_store_id,
+)
 
 
 @dataclass
@@ -90,6 +101,7 @@ class RolloutConfig:
         check(
             self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
         )
+        check_chat_template_mode(self.chat_template)
 
 
 @dataclass
@@ -277,18 +289,33 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     records = load_prompts(config.prompts, prompt_field=config.prompt_field)
     tokenizer = load_tokenizer(config.student)
     student_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace("torch.", "")
-    context = getattr(AutoConfig.from_pretrained(config.student), "max_position_embeddings", None) or 10**9
+    context = getattr(load_config(config.student), "max_position_embeddings", None) or 10**9
     encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
     # A prompt with no room left for even one response token cannot be rolled out: skip and count it.
-    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context]
-    skipped = len(records) - len(keep)
+    # So is one with characters the tokenizer cannot encode (its ids would hold the unknown token).
+    bad_chars = {i: unencodable(tokenizer, r.prompt) for i, r in enumerate(records)}
+    unknown = {i for i, char in bad_chars.items() if char is not None}
+    if unknown:
+        first = min(unknown)
+        warnings.warn(
+            f"stage 1: skipped {len(unknown)} of {len(records)} prompts with characters the student's tokenizer "
+            f"cannot encode (first: prompt_id {records[first].prompt_id!r}, character {bad_chars[first]!r}); "
+            "counted in the manifest's prompt_set.skipped_prompts",
+            stacklevel=1,
+        )
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context and i not in unknown]
+    skipped = len(records) - len(keep) - len(unknown)
     if skipped:
         warnings.warn(
             f"stage 1: skipped {skipped} of {len(records)} prompts that are empty or do not fit the student's {context}-token context",
             stacklevel=1,
         )
+    skipped += len(unknown)
     if not keep:
-        raise InputError(f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context")
+        raise InputError(
+            f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context and encodes "
+            "with its tokenizer"
+        )
     sampling = SamplingConfig(
         n=config.n,
         temperature=config.temperature,
@@ -428,24 +455,32 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
 
 
 def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
-    if isinstance(config, PrecomputeConfig):
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        rollout_config = RolloutConfig(**{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__})
-        rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
-        run_rollouts(rollout_config, log)
-        out = run_scoring(config.score_config(), log)
-    elif isinstance(config, RolloutConfig):
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        out = run_rollouts(config, log)
-    else:
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        out = run_scoring(config, log)
+    prepare_output_dir(
+        config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+    )
+    with worker_lock(config):
+        if isinstance(config, PrecomputeConfig):
+            rollout_config = RolloutConfig(
+                **{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__}
+            )
+            rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
+            run_rollouts(rollout_config, log)
+            out = run_scoring(config.score_config(), log)
+        elif isinstance(config, RolloutConfig):
+            out = run_rollouts(config, log)
+        else:
+            out = run_scoring(config, log)
     if (Path(out) / "manifest.json").exists():
         open_store(out)  # reopen through the reader: what a user gets is what we checked
     return out
+
+
+def worker_lock(config: RolloutConfig | ScoreConfig):
+    """Held for a whole run: a second run of the same worker (same --out and --shard-index) is refused at
+    once instead of racing the first for the same parts. Workers with other shard indices run freely."""
+    path = Path(config.out) / LOCKS_DIR / f"worker-{config.shard_index}.lock"
+    busy = (
+        f"another run is writing shard {config.shard_index} of {config.out} right now; wait for it to finish "
+        "(a rerun then resumes), or choose another --out"
+    )
+    return file_lock(path, exclusive=True, blocking=False, busy_message=busy)

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
+from lightning_opd.config import check, parse_number_list, prepare_output_dir, to_dict, write_json_atomic
 from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError, TrainingError
 from lightning_opd.evaluation import VERIFIERS, evaluate_model
@@ -38,6 +38,7 @@ from lightning_opd.online import GoldSolutions, with_gold
 from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.store import RolloutStream, RowFilter, open_store
+from lightning_opd.store.rowcheck import check_rows
 from lightning_opd.trainer import MetricsLog, check_finite, collate, format_status, student_token_batch, timer
 
 # Fields that may change between a run and its resume without making it another run.
@@ -159,6 +160,7 @@ class TrainConfig:
             self.apply_esr_preset()
         self.horizon_config()
         self.build_objective()
+        parse_number_list(self.store_weights, float, "--store-weights", minimum=0)
 
     def apply_esr_preset(self) -> None:
         """ESR (METHODS §4) = a fixed horizon N (default 100) + the top-k reverse KL over those positions.
@@ -222,7 +224,9 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
         raise StoreError(
             f"objective {config.objective!r} needs stores with teacher top-k (all the same k); got k={sorted(map(str, topks))}"
         )
-    weights = [float(w) for w in config.store_weights.split(",")] if config.store_weights else None
+    weights = (
+        parse_number_list(config.store_weights, float, "--store-weights") if config.store_weights else None
+    )
     if weights is not None and len(weights) != len(stores):
         raise ConfigError(f"--store-weights has {len(weights)} values for {len(stores)} stores")
     store_horizon = min(int(store.manifest.horizon) for store in stores)
@@ -324,6 +328,7 @@ def run(config: TrainConfig, log=print) -> Path:
         horizon = horizon_at(config.horizon_config(), step, store_horizon)
         # Every rank reads the same global batch and keeps its own slice: no sampler state to sync.
         global_rows = [next(stream) for _ in range(config.batch_size)]
+        check_rows(global_rows, stores, len(tokenizer))  # ids in the vocabulary, finite log-probs <= 0
         rows = global_rows[rank::world]
         micro = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
         totals: dict[str, float] = {}
