@@ -387,7 +387,7 @@ def _model_problems(kind: Any, student: Any, teacher: Any, consistency: Any) -> 
         problems.append(
             f"a 'scored' store needs teacher_consistency {{consistent: bool|None, allowed: bool}}, got {consistency!r}"
         )
-    elif consistency["consistent"] is False and not consistency["allowed"]:
+    elif consistency.get("consistent") is False and not consistency["allowed"]:
         problems.append(
             "teacher_consistency says the scoring teacher is not the SFT teacher and it was not allowed"
         )
@@ -644,7 +644,7 @@ class Manifest:
             problems.append("manifest store_id does not match its identity fields (edited by hand?)")
         if not (_is_int(self.num_parts) and self.num_parts >= 1):
             problems.append(f"manifest num_parts must be an int >= 1, got {self.num_parts!r}")
-        if self.kind in KINDS:
+        if self.kind in KINDS and (self.topk_k is None or (_is_int(self.topk_k) and self.topk_k >= 1)):
             expected = store_schema(self.kind, **schema_options(self.columns, self.topk_k)).names
             if list(self.columns) != expected:
                 problems.append(f"manifest columns {self.columns} do not match the format's {expected}")
