@@ -113,6 +113,37 @@ def _directory_lock(path: Path):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def exclusive_output(path: str | Path, busy_message: str):
+    """Be the only process writing the output directory ``path`` (created if missing) while the block runs.
+
+    A second process is refused at once with OutputExistsError(busy_message) instead of racing the
+    first part by part. A directory created here and still empty when the block fails is removed.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        yield  # not a directory: the command's own checks refuse it with their message
+        return
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(f"cannot create {out} ({e.strerror}); choose a writable directory") from None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(busy_message) from None
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
 def _prepare_locked(out: Path, config: Any, *, overwrite: bool, name: str, ignore: frozenset) -> Path:
     saved = out / name
     if any(out.iterdir()) and not overwrite:

@@ -31,6 +31,7 @@ import json
 import sys
 from pathlib import Path
 
+from lightning_opd.config import exclusive_output
 from lightning_opd.errors import LopdError
 from lightning_opd.store import registry, tools
 from lightning_opd.store.summary import format_position_stats, position_stats, summarize_store
@@ -97,13 +98,25 @@ def run_filter(args: argparse.Namespace) -> int:
         drop_repetitive=args.drop_repetitive,
         drop_empty=args.drop_empty,
     )
-    tools.filter_store(args.store, args.out, spec, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
+    with exclusive_output(args.out, _busy("filter", args.out)):
+        tools.filter_store(
+            args.store, args.out, spec, cache_dir=args.cache, allow_duplicate=args.allow_duplicate
+        )
     return 0
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    tools.merge_stores(args.stores, args.out, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
+    with exclusive_output(args.out, _busy("merge", args.out)):
+        tools.merge_stores(args.stores, args.out, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
     return 0
+
+
+def _busy(command: str, out: str) -> str:
+    # Two derivations into one output at once: the second is refused instead of racing the first.
+    return (
+        f"another `lopd store` filter or merge is writing {out} right now; wait for it to finish, "
+        "or choose another --out"
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
