@@ -34,6 +34,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def check_device_and_dtype(device: str, dtype: str) -> None:
+    """For configs: refuse an unknown/unavailable ``--device`` or an unknown ``--dtype`` before any work."""
+    resolve_dtype(dtype, resolve_device(device))
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow and imprecise.

@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning_opd.config import check, check_writable_file, parse_number_list, write_json_atomic
 from lightning_opd.errors import ConfigError
 from lightning_opd.evaluation import VERIFIERS, EvalResult, evaluate_model, format_table
-from lightning_opd.modeling import load_causal_lm
+from lightning_opd.modeling import check_device_and_dtype, load_causal_lm
 from lightning_opd.prompts import check_chat_template_mode, load_prompts
 
 
@@ -45,6 +45,7 @@ class EvalJobConfig:
         check(self.greedy or self.samples > 0, "nothing to evaluate: pass --greedy or --samples N")
         check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
         check_chat_template_mode(self.chat_template)
+        check_device_and_dtype(self.device, self.dtype)
         ks = self.k_values()
         if self.samples:
             check(bool(ks), f"--ks must name at least one k for pass@k, got {self.ks!r}")

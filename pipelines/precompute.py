@@ -30,6 +30,7 @@ from lightning_opd.errors import InputError, StoreError
 from lightning_opd.evaluation import VERIFIERS
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
+    check_device_and_dtype,
     check_same_tokenizer,
     load_causal_lm,
     load_config,
@@ -102,6 +103,7 @@ class RolloutConfig:
             self.verifier in VERIFIERS, f"verifier must be one of {sorted(VERIFIERS)}, got {self.verifier!r}"
         )
         check_chat_template_mode(self.chat_template)
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass
@@ -151,6 +153,7 @@ class ScoreConfig:
             0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def run_filter(args: argparse.Namespace) -> int:
         drop_repetitive=args.drop_repetitive,
         drop_empty=args.drop_empty,
     )
-    with exclusive_output(args.out, _busy("filter", args.out)):
+    with exclusive_output(args.out, _busy(args.out)):
         tools.filter_store(
             args.store, args.out, spec, cache_dir=args.cache, allow_duplicate=args.allow_duplicate
         )
@@ -106,12 +106,12 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    with exclusive_output(args.out, _busy("merge", args.out)):
+    with exclusive_output(args.out, _busy(args.out)):
         tools.merge_stores(args.stores, args.out, cache_dir=args.cache, allow_duplicate=args.allow_duplicate)
     return 0
 
 
-def _busy(command: str, out: str) -> str:
+def _busy(out: str) -> str:
     # Two derivations into one output at once: the second is refused instead of racing the first.
     return (
         f"another `lopd store` filter or merge is writing {out} right now; wait for it to finish, "

@@ -125,6 +125,10 @@ def test_only_unencodable_prompts_is_an_error(capsys, tmp_path, micro_student_di
 def test_unknown_device(capsys, tmp_path, micro_student_dir, prompts):
     line = lopd_error(capsys, *eval_args(micro_student_dir, prompts, "--device", "bogus"))
     assert "unknown device 'bogus'" in line
+    # Refused while reading the flags: no run directory is claimed that a corrected rerun would trip over.
+    out = tmp_path / "out"
+    line = lopd_error(capsys, *rollout_args(micro_student_dir, prompts, out, "--device", "bogus"))
+    assert "unknown device 'bogus'" in line and not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
