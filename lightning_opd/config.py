@@ -118,13 +118,13 @@ def exclusive_output(path: str | Path, busy_message: str):
     """Be the only process writing the output directory ``path`` (created if missing) while the block runs.
 
     A second process is refused at once with OutputExistsError(busy_message) instead of racing the
-    first part by part. A directory created here and still empty when the block fails is removed.
+    first part by part. Directories created here and still empty when the block fails are removed.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         yield  # not a directory: the command's own checks refuse it with their message
         return
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -137,8 +137,10 @@ def exclusive_output(path: str | Path, busy_message: str):
             raise OutputExistsError(busy_message) from None
         yield
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for made in created:
+            if not (made.is_dir() and not any(made.iterdir())):
+                break
+            made.rmdir()
         raise
     finally:
         os.close(fd)

@@ -224,9 +224,7 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
         raise StoreError(
             f"objective {config.objective!r} needs stores with teacher top-k (all the same k); got k={sorted(map(str, topks))}"
         )
-    weights = (
-        parse_number_list(config.store_weights, float, "--store-weights") if config.store_weights else None
-    )
+    weights = [float(w) for w in config.store_weights.split(",")] if config.store_weights else None
     if weights is not None and len(weights) != len(stores):
         raise ConfigError(f"--store-weights has {len(weights)} values for {len(stores)} stores")
     store_horizon = min(int(store.manifest.horizon) for store in stores)

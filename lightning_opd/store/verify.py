@@ -101,16 +101,10 @@ def _check_metadata(pf: pq.ParquetFile, entry: fmt.ShardEntry, manifest: fmt.Man
     found_part = meta.get(fmt.META_PART, b"").decode()
     if found_part != str(entry.part):
         problems.append(f"{entry.file} says it is part {found_part or 'missing'}, manifest says {entry.part}")
-    found_version = meta.get(fmt.META_FORMAT_VERSION, b"").decode()
     try:
-        fmt.check_format_version(found_version, where=entry.file)
+        fmt.check_format_version(meta.get(fmt.META_FORMAT_VERSION, b"").decode(), where=entry.file)
     except StoreError as e:
         problems.append(str(e))
-    else:
-        if found_version != manifest.format_version:
-            problems.append(
-                f"{entry.file} was written in format {found_version}, manifest says {manifest.format_version!r}"
-            )
     return problems
 
 
