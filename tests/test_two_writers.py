@@ -125,3 +125,25 @@ def test_two_merges_different_sources(tmp_path, sources):
     assert merged_sources(out) == [str(s.resolve()) for s in winner]
     assert report.counts["rows"] == sum(json.loads((s / "manifest.json").read_text())["stats"]["num_rollouts"]
                                         for s in winner)  # fmt: skip
+
+
+def test_merge_into_an_output_another_writer_holds_is_refused(tmp_path, sources, capsys):
+    """The refusal the race above may produce, made deterministic: the output is held while merge starts."""
+    from lightning_opd.cli import main
+    from lightning_opd.config import exclusive_output
+
+    out = tmp_path / "merged"
+    a, b, _ = sources
+    with exclusive_output(out, "held by the test"):
+        assert main(["store", "merge", str(a), str(b), "--out", str(out)]) == 2
+    assert "another `lopd store` filter or merge is writing" in capsys.readouterr().err
+    assert not any(out.iterdir())
+
+
+def test_refused_merge_leaves_no_directories_behind(tmp_path, sources, capsys):
+    from lightning_opd.cli import main
+
+    a, _, _ = sources
+    assert main(["store", "merge", str(a), str(a), "--out", str(tmp_path / "new" / "merged")]) == 2
+    assert "same content" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
