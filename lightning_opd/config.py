@@ -7,8 +7,11 @@ as ``config.json`` beside the stage's outputs, so every artefact says how it was
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -84,14 +87,81 @@ def prepare_output_dir(
     fill one store together, or the step count of a resumed training run.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(
+            f"--out {out} exists and is a file, not a directory; choose a new output directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(
+            f"cannot create --out {out} ({e.strerror}); choose a writable directory"
+        ) from None
+    # Two runs started into one directory at once: the second sees the first's config.json.
+    with _directory_lock(out):
+        return _prepare_locked(out, config, overwrite=overwrite, name=name, ignore=ignore)
+
+
+@contextlib.contextmanager
+def _directory_lock(path: Path):
+    """An exclusive flock on the directory itself (no lock file to leave behind)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | Path, busy_message: str):
+    """Be the only process writing the output directory ``path`` (created if missing) while the block runs.
+
+    A second process is refused at once with OutputExistsError(busy_message) instead of racing the
+    first part by part. Directories created here and still empty when the block fails are removed.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        yield  # not a directory: the command's own checks refuse it with their message
+        return
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(f"cannot create {out} ({e.strerror}); choose a writable directory") from None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(busy_message) from None
+        yield
+    except BaseException:
+        for made in created:
+            if not (made.is_dir() and not any(made.iterdir())):
+                break
+            made.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+def _prepare_locked(out: Path, config: Any, *, overwrite: bool, name: str, ignore: frozenset) -> Path:
     saved = out / name
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if any(out.iterdir()) and not overwrite:
         if not saved.exists():
             raise OutputExistsError(
                 f"{out} is not empty and holds no {name} from lightning-opd; choose a new output "
                 "directory or pass --overwrite"
             )
-        previous = json.loads(saved.read_text())
+        try:
+            previous = json.loads(saved.read_text())
+        except (OSError, ValueError) as e:
+            raise OutputExistsError(
+                f"{saved} is unreadable or not JSON ({e}); choose a new output directory or pass --overwrite"
+            ) from None
+        if not isinstance(previous, dict):
+            raise OutputExistsError(f"{saved} is not a lightning-opd config; choose a new output directory")
         current = to_dict(config)
         skip = set(ignore) | {"overwrite"}
         differing = sorted(
@@ -102,9 +172,46 @@ def prepare_output_dir(
                 f"{out} already holds a different run (config differs in {differing}); choose a new "
                 "output directory, or pass --overwrite to replace it"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out, name)
+    try:
+        save_config(config, out, name)
+    except OSError as e:
+        raise OutputExistsError(
+            f"cannot write to --out {out} ({e.strerror}); choose a writable directory"
+        ) from None
     return out
+
+
+def parse_number_list(text: str, kind: type, flag: str, *, minimum: float | None = None) -> list:
+    """``"1,4,8"`` -> ``[1, 4, 8]`` for a comma-separated flag; ConfigError naming the flag otherwise."""
+    values = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            value = kind(item)
+        except ValueError:
+            raise ConfigError(
+                f"{flag} must be comma-separated {kind.__name__}s (e.g. 1,4), got {text!r}"
+            ) from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            bound = "" if minimum is None else f" >= {minimum}"
+            raise ConfigError(f"{flag} values must be finite{bound}, got {item!r} in {text!r}")
+        values.append(value)
+    return values
+
+
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written as a file (a directory, an unwritable place)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass a file path such as {path / 'result.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be written ({parent} is not a writable directory)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path} exists and is not writable; choose another path")
 
 
 def add_dataclass_args(parser, cls) -> None:

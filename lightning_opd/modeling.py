@@ -19,7 +19,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; pass --device auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: CUDA is not available on this machine; pass --device cpu or auto"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); pick one of them"
+        )
+    return dev
+
+
+def check_device_and_dtype(device: str, dtype: str) -> None:
+    """For configs: refuse an unknown/unavailable ``--device`` or an unknown ``--dtype`` before any work."""
+    resolve_dtype(dtype, resolve_device(device))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -38,7 +55,16 @@ def check_model_dir(path: str | Path) -> Path:
         raise InputError(f"model directory {path} does not exist; pass a directory made by save_pretrained")
     if not (path / "config.json").exists():
         raise InputError(f"{path} has no config.json; it is not a Hugging Face model directory")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(
+            f"{path}/config.json is unreadable or not JSON ({e}); re-save the model with save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{path}/config.json holds a JSON {type(config).__name__}, not a model config object"
+        )
     model_type = config.get("model_type")
     # The saved architecture decides (a BERT checkpoint's type has a causal-LM class, its weights do not).
     architectures = config.get("architectures") or []
@@ -54,6 +80,22 @@ def check_model_dir(path: str | Path) -> Path:
             "a causal language model; pass a decoder-only LM (e.g. Qwen2, Llama)"
         )
     return path
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def load_config(path: str | Path):
+    """The model's ``AutoConfig``; a config.json that transformers cannot parse is an InputError."""
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError, OSError... here
+        raise InputError(
+            f"could not read the model config in {path} ({type(e).__name__}: {_first_line(e)}); "
+            "re-save the model with save_pretrained"
+        ) from None
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -88,13 +130,16 @@ def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "auto
     """Load (model, tokenizer) from a saved directory, with the input checks above. Eval mode."""
     path = check_model_dir(path)
     dev = resolve_device(device)
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     tokenizer = load_tokenizer(tokenizer_path or path)
     check_tokenizer_fits_model(tokenizer, config, str(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev))
-    except OSError as e:  # missing or unreadable weight files
-        raise InputError(f"could not load model weights from {path}: {e}") from e
+    except Exception as e:  # missing, truncated or garbage weight files: many exception types, one message
+        raise InputError(
+            f"could not load model weights from {path} ({type(e).__name__}: {_first_line(e)}); "
+            "re-save the model with save_pretrained"
+        ) from None
     model.to(dev).eval()
     return model, tokenizer
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_opd.errors import InputError
+from lightning_opd.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,11 @@ class PromptRecord:
     prompt: str
     answer: str | None = None
     solution: str | None = None
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -40,19 +45,36 @@ def _read_rows(path: Path) -> list[dict]:
         return list(dataset)
     if path.suffix == ".jsonl":
         rows = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg})") from e
+        try:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg})") from e
+                    if not isinstance(row, dict):
+                        raise InputError(
+                            f"{path}:{lineno} is a JSON {_json_type(row)}, not an object; each line must be "
+                            'an object such as {"prompt": "..."}'
+                        )
+                    rows.append(row)
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8"
+            ) from None
         return rows
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(
+                f"{path} is not a readable Parquet file ({e}); pass a .parquet table with a prompt column"
+            ) from None
     raise InputError(f"{path}: prompt sets must be .jsonl, .parquet or a datasets directory")
 
 
@@ -75,6 +97,8 @@ def load_prompts(
         )
     records, seen = [], set()
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):  # e.g. a datasets directory of bare values
+            raise InputError(f"prompt set {path}, row {i}: expected a record with fields, got {row!r:.60}")
         if prompt_field not in row or not isinstance(row[prompt_field], str):
             raise InputError(
                 f"prompt set {path}, row {i}: missing text field {prompt_field!r} (fields: {sorted(row)}); "
@@ -117,8 +141,39 @@ def prompt_set_hash(records: list[PromptRecord]) -> str:
     return "ps1:" + h.hexdigest()[:32]
 
 
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+
+
+def check_chat_template_mode(mode: str) -> None:
+    """Refuse a ``--chat-template`` value that is not one of CHAT_TEMPLATE_MODES (a typo must not mean 'never')."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"chat_template must be one of {CHAT_TEMPLATE_MODES}, got {mode!r}")
+
+
+def unencodable(tokenizer, text: str) -> str | None:
+    """The first character of ``text`` that ``tokenizer`` cannot encode, or None when it encodes it all.
+
+    A tokenizer either maps such a character to its unknown token or drops it without a word (the
+    character then lies under no token's offsets); whitespace a tokenizer normalises away is fine.
+    """
+    unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizers have no offsets
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return "?" if unk_id is not None and unk_id in ids and not (unk and unk in text) else None
+    covered = [False] * len(text)
+    for token_id, (start, end) in zip(encoding["input_ids"], offsets):
+        if token_id == unk_id and not (unk and unk in text[start:end]):
+            return text[start:end] or "?"
+        covered[start:end] = [True] * (end - start)
+    return next((c for c, seen in zip(text, covered) if not seen and not c.isspace()), None)
+
+
 def encode_prompt(tokenizer, text: str, chat_template: str = "auto") -> list[int]:
     """Token ids for one prompt; with a chat template (when the tokenizer has one, or 'always')."""
+    check_chat_template_mode(chat_template)
     use_template = chat_template == "always" or (
         chat_template == "auto" and getattr(tokenizer, "chat_template", None)
     )

@@ -9,10 +9,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_opd.config import check, write_json_atomic
+from lightning_opd.config import check, check_writable_file, parse_number_list, write_json_atomic
+from lightning_opd.errors import ConfigError
 from lightning_opd.evaluation import EvalResult, evaluate_model, format_table
-from lightning_opd.modeling import check_model_dir, load_causal_lm, load_tokenizer
-from lightning_opd.prompts import load_prompts
+from lightning_opd.modeling import check_device_and_dtype, check_model_dir, load_causal_lm, load_tokenizer
+from lightning_opd.prompts import check_chat_template_mode, load_prompts
 from lightning_opd.stage1.samplers import resolve_backend
 from lightning_opd.verifiers import check_verifier
 
@@ -48,6 +49,21 @@ class EvalJobConfig:
         check_verifier(self.verifier)
         check(self.greedy or self.samples > 0, "nothing to evaluate: pass --greedy or --samples N")
         check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
+        check_chat_template_mode(self.chat_template)
+        check_device_and_dtype(self.device, self.dtype)
+        ks = self.k_values()
+        if self.samples:
+            check(bool(ks), f"--ks must name at least one k for pass@k, got {self.ks!r}")
+            check(
+                max(ks) <= self.samples,
+                f"pass@{max(ks)} needs at least {max(ks)} samples per prompt, got --samples {self.samples}; "
+                f"raise --samples or drop k > {self.samples} from --ks",
+            )
+        if self.out:
+            check_writable_file(self.out, "--out")
+
+    def k_values(self) -> tuple[int, ...]:
+        return tuple(parse_number_list(self.ks, int, "--ks", minimum=1))
 
 
 def run(config: EvalJobConfig, log=print) -> EvalResult:
@@ -67,7 +83,7 @@ def run(config: EvalJobConfig, log=print) -> EvalResult:
         max_new_tokens=config.max_new_tokens,
         greedy=config.greedy,
         samples=config.samples,
-        ks=tuple(int(k) for k in config.ks.split(",") if k),
+        ks=config.k_values(),
         temperature=config.temperature,
         top_p=config.top_p,
         batch_size=config.batch_size,
@@ -77,7 +93,12 @@ def run(config: EvalJobConfig, log=print) -> EvalResult:
     )
     log(format_table([result]))
     if config.out:
-        write_json_atomic(Path(config.out), {"config": config.__dict__, "result": result.as_dict()})
+        try:
+            write_json_atomic(Path(config.out), {"config": config.__dict__, "result": result.as_dict()})
+        except OSError as e:
+            raise ConfigError(
+                f"could not write --out {config.out} ({e.strerror}); choose a writable path"
+            ) from None
     return result
 
 

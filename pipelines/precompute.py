@@ -23,28 +23,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import InputError, StoreError
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
+    check_device_and_dtype,
     check_same_tokenizer,
     load_causal_lm,
+    load_config,
     load_tokenizer,
     model_identity,
     resolve_device,
     resolve_dtype,
 )
-from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.prompts import (
+    check_chat_template_mode,
+    encode_prompt,
+    load_prompts,
+    prompt_set_hash,
+    unencodable,
+)
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.store import StoreWriter, open_store
+from lightning_opd.store.files import file_lock
 from lightning_opd.store.reader import read_part, read_saved_header
 from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.verifiers import VERIFIERS, check_verifier, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
+    LOCKS_DIR,
     ROLLOUTS_SUBDIR,
     SAMPLING_COLUMN,
     TOPK_TAIL_TREATMENTS,
@@ -98,6 +107,8 @@ class RolloutConfig:
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
         check_verifier(self.verifier)
+        check_chat_template_mode(self.chat_template)
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass
@@ -147,6 +158,7 @@ class ScoreConfig:
             0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass
@@ -260,18 +272,33 @@ def run_rollouts(config: RolloutConfig, log=print) -> Path:
     records = load_prompts(config.prompts, prompt_field=config.prompt_field)
     tokenizer = load_tokenizer(config.student)
     student_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace("torch.", "")
-    context = getattr(AutoConfig.from_pretrained(config.student), "max_position_embeddings", None) or 10**9
+    context = getattr(load_config(config.student), "max_position_embeddings", None) or 10**9
     encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
     # A prompt with no room left for even one response token cannot be rolled out: skip and count it.
-    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context]
-    skipped = len(records) - len(keep)
+    # So is one with characters the tokenizer cannot encode (its ids would hold the unknown token).
+    bad_chars = {i: unencodable(tokenizer, r.prompt) for i, r in enumerate(records)}
+    unknown = {i for i, char in bad_chars.items() if char is not None}
+    if unknown:
+        first = min(unknown)
+        warnings.warn(
+            f"stage 1: skipped {len(unknown)} of {len(records)} prompts with characters the student's tokenizer "
+            f"cannot encode (first: prompt_id {records[first].prompt_id!r}, character {bad_chars[first]!r}); "
+            "counted in the manifest's prompt_set.skipped_prompts",
+            stacklevel=1,
+        )
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) < context and i not in unknown]
+    skipped = len(records) - len(keep) - len(unknown)
     if skipped:
         warnings.warn(
             f"stage 1: skipped {skipped} of {len(records)} prompts that are empty or do not fit the student's {context}-token context",
             stacklevel=1,
         )
+    skipped += len(unknown)
     if not keep:
-        raise InputError(f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context")
+        raise InputError(
+            f"stage 1: no prompt in {config.prompts} fits the student's {context}-token context and encodes "
+            "with its tokenizer"
+        )
     sampling = SamplingConfig(
         n=config.n,
         temperature=config.temperature,
@@ -423,24 +450,32 @@ def run_scoring(config: ScoreConfig, log=print) -> Path:
 
 
 def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
-    if isinstance(config, PrecomputeConfig):
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        rollout_config = RolloutConfig(**{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__})
-        rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
-        run_rollouts(rollout_config, log)
-        out = run_scoring(config.score_config(), log)
-    elif isinstance(config, RolloutConfig):
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        out = run_rollouts(config, log)
-    else:
-        prepare_output_dir(
-            config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
-        )
-        out = run_scoring(config, log)
+    prepare_output_dir(
+        config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+    )
+    with worker_lock(config):
+        if isinstance(config, PrecomputeConfig):
+            rollout_config = RolloutConfig(
+                **{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__}
+            )
+            rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
+            run_rollouts(rollout_config, log)
+            out = run_scoring(config.score_config(), log)
+        elif isinstance(config, RolloutConfig):
+            out = run_rollouts(config, log)
+        else:
+            out = run_scoring(config, log)
     if (Path(out) / "manifest.json").exists():
         open_store(out)  # reopen through the reader: what a user gets is what we checked
     return out
+
+
+def worker_lock(config: RolloutConfig | ScoreConfig):
+    """Held for a whole run: a second run of the same worker (same --out and --shard-index) is refused at
+    once instead of racing the first for the same parts. Workers with other shard indices run freely."""
+    path = Path(config.out) / LOCKS_DIR / f"worker-{config.shard_index}.lock"
+    busy = (
+        f"another run is writing shard {config.shard_index} of {config.out} right now; wait for it to finish "
+        "(a rerun then resumes), or choose another --out"
+    )
+    return file_lock(path, exclusive=True, blocking=False, busy_message=busy)

@@ -17,8 +17,14 @@ from pathlib import Path
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.errors import InputError
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
-from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, load_tokenizer, model_identity
-from lightning_opd.prompts import encode_prompt, load_prompts
+from lightning_opd.modeling import (
+    check_device_and_dtype,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+)
+from lightning_opd.prompts import check_chat_template_mode, encode_prompt, load_prompts
 from lightning_opd.provenance import Provenance, write_provenance
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
 from lightning_opd.stage1.rollout import SamplingConfig
@@ -68,6 +74,8 @@ class SFTJobConfig:
     def __post_init__(self):
         check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_chat_template_mode(self.chat_template)
+        check_device_and_dtype(self.device, self.dtype)
         self.train_config()  # validates the training fields early
 
     def train_config(self) -> SFTTrainConfig:

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_opd.config import add_dataclass_args, config_from_args
+from lightning_opd.config import add_dataclass_args, config_from_args, exclusive_output
 from lightning_opd.errors import LopdError
 from lightning_opd.store import registry, tools
 from lightning_opd.store.reader import read_saved_header
@@ -200,17 +200,27 @@ def run_filter(config: FilterConfig) -> int:
         drop_repetitive=config.drop_repetitive,
         drop_empty=config.drop_empty,
     )
-    tools.filter_store(
-        config.store, config.out, spec, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
-    )
+    with exclusive_output(config.out, _busy(config.out)):
+        tools.filter_store(
+            config.store, config.out, spec, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+        )
     return 0
 
 
 def run_merge(config: MergeConfig) -> int:
-    tools.merge_stores(
-        config.stores, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
-    )
+    with exclusive_output(config.out, _busy(config.out)):
+        tools.merge_stores(
+            config.stores, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+        )
     return 0
+
+
+def _busy(out: str) -> str:
+    # Two derivations into one output at once: the second is refused instead of racing the first.
+    return (
+        f"another `lopd store` filter or merge is writing {out} right now; wait for it to finish, "
+        "or choose another --out"
+    )
 
 
 def run_export(config: ExportConfig) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from lightning_opd.config import check, prepare_output_dir
+from lightning_opd.config import check, parse_number_list, prepare_output_dir
 from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError
 from lightning_opd.evaluation import evaluate_model
@@ -42,6 +42,7 @@ from lightning_opd.stage2.step import (
     update_inputs,
 )
 from lightning_opd.store import RolloutStream, RowFilter, open_store
+from lightning_opd.store.rowcheck import check_rows
 
 PRESETS = ("", "esr")
 ESR_HORIZON = 100  # METHODS §4: flat for N in 50-200, worse at N <= 20
@@ -92,6 +93,7 @@ class TrainConfig(TrainingFlags):
             self.apply_esr_preset()
         self.horizon_config()
         self.build_objective()
+        parse_number_list(self.store_weights, float, "--store-weights", minimum=0)
 
     def apply_esr_preset(self) -> None:
         """ESR (METHODS §4) = a fixed horizon N (default 100) + the top-k reverse KL over those positions.
@@ -184,10 +186,15 @@ def run(config: TrainConfig, log=print) -> Path:
     )
     store_rows = sum(s.num_rows for s in stores)
     watch = DriftWatch(config.drift_max_passes, config.drift_max_kl, trust_region=config.trust_region)
+    vocab_size = len(tokenizer)
+
+    def check_batch(rows: list[dict]) -> None:  # ids in the vocabulary, finite log-probs <= 0
+        check_rows(rows, stores, vocab_size)
+
     started = runs.timer()
     for step in range(start_step, config.steps):
         row = offline_step(
-            accelerator, model, optimizer, scheduler, stream, inputs, config, step, store_horizon
+            accelerator, model, optimizer, scheduler, stream, inputs, config, step, store_horizon, check_batch
         )
         row["elapsed_s"] = runs.timer() - started
         row["passes"] = (step + 1) * config.batch_size / max(1, store_rows)
@@ -208,14 +215,26 @@ def run(config: TrainConfig, log=print) -> Path:
 
 
 def offline_step(
-    accelerator, model, optimizer, scheduler, stream, inputs: UpdateInputs, config, step: int, store_horizon
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    stream,
+    inputs: UpdateInputs,
+    config,
+    step: int,
+    store_horizon,
+    check_batch=None,
 ) -> dict:
-    """One optimizer step on the next ``batch_size`` stored rollouts (0-based ``step``)."""
+    """One optimizer step on the next ``batch_size`` stored rollouts (0-based ``step``). ``check_batch``
+    sees the global batch first (stage two's row check: a bad stored row stops the run, named)."""
     t0 = runs.timer()
     inputs.horizon = horizon_at(config.horizon_config(), step, store_horizon)
     rank, world = accelerator.process_index, accelerator.num_processes
     # Every rank reads the same global batch and keeps its own slice: no sampler state to sync.
     global_rows = [next(stream) for _ in range(config.batch_size)]
+    if check_batch is not None:
+        check_batch(global_rows)
     rows = global_rows[rank::world]
     stats = accumulate_gradients(model, rows, inputs, step=step + 1, accelerator=accelerator)
     update = apply_update(accelerator, model, optimizer, scheduler, config.grad_clip, step)

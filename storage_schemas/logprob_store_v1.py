@@ -452,7 +452,7 @@ def _model_problems(kind: Any, student: Any, teacher: Any, consistency: Any) -> 
         problems.append(
             f"a 'scored' store needs teacher_consistency {{consistent: bool|None, allowed: bool}}, got {consistency!r}"
         )
-    elif consistency["consistent"] is False and not consistency["allowed"]:
+    elif consistency.get("consistent") is False and not consistency["allowed"]:
         problems.append(
             "teacher_consistency says the scoring teacher is not the SFT teacher and it was not allowed"
         )
@@ -537,6 +537,63 @@ def topk_of(header: dict[str, Any]) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
+# JSON types of the manifest's fields ("int" never accepts a bool; "float" accepts an int). Checked
+# before the manifest is built, so a hand-edited or damaged manifest is a StoreError, not a TypeError.
+_STR, _INT, _FLOAT, _DICT, _LIST, _NONE = str, "int", "float", dict, list, type(None)
+MANIFEST_FIELD_TYPES: dict[str, tuple[Any, ...]] = {
+    "format": (_STR,), "format_version": (_STR,), "writer_version": (_STR,), "created_at": (_STR,),
+    "store_uuid": (_STR,), "store_id": (_STR,), "kind": (_STR,), "student": (_DICT,), "sampling": (_DICT,),
+    "horizon": (_INT,), "prompt_set": (_DICT,), "num_parts": (_INT,), "teacher": (_DICT, _NONE),
+    "teacher_consistency": (_DICT, _NONE), "topk": (_DICT, _NONE), "columns": (_LIST,), "shards": (_LIST,),
+    "stats": (_DICT, _NONE), "lineage": (_LIST,), "extra": (_DICT, _NONE),
+}  # fmt: skip
+SHARD_FIELD_TYPES: dict[str, tuple[Any, ...]] = {
+    "file": (_STR,), "part": (_INT,), "rows": (_INT,), "tokens": (_INT,), "bytes": (_INT,), "sha256": (_STR,),
+}  # fmt: skip
+STATS_FIELD_TYPES: dict[str, tuple[Any, ...]] = {
+    "num_rollouts": (_INT,), "num_response_tokens": (_INT,), "mean_response_length": (_FLOAT,),
+    "max_response_length": (_INT,), "trunc_rate": (_FLOAT,), "rep_rate": (_FLOAT, _NONE), "num_empty": (_INT,),
+    "mean_teacher_minus_behavior_logratio": (_FLOAT, _NONE),
+}  # fmt: skip
+
+
+def _has_type(value: Any, expected: tuple[Any, ...]) -> bool:
+    for kind in expected:
+        if kind == _INT and _is_int(value):
+            return True
+        if kind == _FLOAT and (_is_int(value) or isinstance(value, float)):
+            return True
+        if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
+            return True
+    return False
+
+
+def _section_type_problems(where: str, data: dict[str, Any], types: dict[str, tuple[Any, ...]]) -> list[str]:
+    def name(kind: Any) -> str:
+        return kind if isinstance(kind, str) else ("null" if kind is _NONE else kind.__name__)
+
+    return [
+        f"{where}{key} must be {' or '.join(name(k) for k in expected)}, got {data[key]!r:.40}"
+        for key, expected in types.items()
+        if key in data and not _has_type(data[key], expected)
+    ]
+
+
+def manifest_type_problems(data: dict[str, Any]) -> list[str]:
+    """Manifest fields (top level, every shard entry, stats) whose JSON type is wrong; empty when none."""
+    problems = _section_type_problems("", data, MANIFEST_FIELD_TYPES)
+    if isinstance(data.get("columns"), list) and not all(isinstance(c, str) for c in data["columns"]):
+        problems.append("columns must be a list of strings")
+    for i, entry in enumerate(data.get("shards") if isinstance(data.get("shards"), list) else []):
+        if not isinstance(entry, dict):
+            problems.append(f"shards[{i}] must be an object, got {entry!r:.40}")
+        else:
+            problems += _section_type_problems(f"shards[{i}].", entry, SHARD_FIELD_TYPES)
+    if isinstance(data.get("stats"), dict):
+        problems += _section_type_problems("stats.", data["stats"], STATS_FIELD_TYPES)
+    return problems
+
+
 @dataclass
 class ShardEntry:
     """One committed shard: its file (relative to the store root), part number, size and checksum."""
@@ -607,6 +664,12 @@ class Manifest:
             raise StoreError(
                 f"manifest lacks required fields {missing}; the store is damaged, run `lopd store verify`"
             )
+        wrong = manifest_type_problems(data)
+        if wrong:
+            raise StoreError(
+                f"manifest fields have the wrong types ({'; '.join(wrong[:5])}); the store is damaged, "
+                "run `lopd store verify`"
+            )
         data = dict(data)
         try:
             data["shards"] = [from_dict(ShardEntry, s) for s in data.get("shards", [])]
@@ -646,7 +709,7 @@ class Manifest:
             problems.append("manifest store_id does not match its identity fields (edited by hand?)")
         if not (_is_int(self.num_parts) and self.num_parts >= 1):
             problems.append(f"manifest num_parts must be an int >= 1, got {self.num_parts!r}")
-        if self.kind in KINDS:
+        if self.kind in KINDS and (self.topk_k is None or (_is_int(self.topk_k) and self.topk_k >= 1)):
             expected = store_schema(self.kind, **schema_options(self.columns, self.topk_k)).names
             if list(self.columns) != expected:
                 problems.append(f"manifest columns {self.columns} do not match the format's {expected}")

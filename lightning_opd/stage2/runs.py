@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,6 +118,31 @@ def write_final_model(
 # Metrics and the status line
 
 
+def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """The ``(line, row)`` pairs of a metrics file. A torn last line (a crash mid-write) is dropped with
+    a warning; a bad line anywhere else means the file was edited or damaged, and is refused."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            pairs.append((line, row))
+        elif number == len(lines):
+            warnings.warn(
+                f"{path}: dropped a torn last line (an interrupted write): {line[:60]!r}", stacklevel=3
+            )
+        else:
+            raise TrainingError(
+                f"{path}:{number} is not a JSON object ({line[:60]!r}); fix or delete that line, or pass a new --out"
+            )
+    return pairs
+
+
 class MetricsLog:
     """One JSON object per step in ``metrics.jsonl``, appended and flushed (a crash loses nothing logged)."""
 
@@ -125,9 +151,7 @@ class MetricsLog:
         if truncate_after_step is not None and path.exists():
             # On resume, drop lines past the checkpoint so the file reads as one uninterrupted run.
             kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= truncate_after_step
+                line for line, row in read_metrics_lines(path) if row.get("step", 0) <= truncate_after_step
             ]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 (held open for the run, closed by close())

@@ -142,11 +142,25 @@ class LogprobStore:
             indices = range(len(self.shard_paths)) if shards is None else shards
             for index in indices:
                 with self.open_shard(index) as pf:
-                    yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+                    yield from self._checked(index, pf.iter_batches(batch_size=batch_size, columns=columns))
             return
         for index, group in row_groups:
             with self.open_shard(index) as pf:
-                yield from pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[group])
+                batches = pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[group])
+                yield from self._checked(index, batches)
+
+    def _checked(self, index: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """``batches``, with a damaged shard turned into a StoreError: pyarrow failing mid-file, or decoding
+        a batch that is not valid Arrow (bad offsets, strings that are not UTF-8) without noticing."""
+        try:
+            for batch in batches:
+                batch.validate(full=True)
+                yield batch
+        except (OSError, pa.ArrowException) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreError(
+                f"cannot read shard {self.shard_paths[index]} ({reason}); run `lopd store verify {self.root}`"
+            ) from None
 
     def iter_rows(
         self,

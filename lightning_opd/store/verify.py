@@ -40,6 +40,9 @@ class VerifyReport:
         }
     )
 
+    # What the row scan saw beyond ``counts``, for checking the manifest's stats.
+    observed: dict[str, int] = field(default_factory=lambda: {"max_response_length": 0, "truncated": 0})
+
     @property
     def ok(self) -> bool:
         return not self.problems
@@ -115,6 +118,10 @@ def _check_rows(
         lengths = fmt.list_lengths(batch.column("response_ids"))
         tokens += int(lengths.sum())
         empty += int(np.count_nonzero(lengths == 0))
+        if len(lengths):
+            seen = report.observed
+            seen["max_response_length"] = max(seen["max_response_length"], int(lengths.max()))
+            seen["truncated"] += batch.column("finish_reason").to_pylist().count("length")
         if len(problems) < MAX_PROBLEMS_PER_SHARD:
             problems += [
                 f"{entry.file}: {p}"
@@ -204,8 +211,26 @@ def verify_store(root: str | Path, *, deep: bool = True) -> VerifyReport:
         problems = _check_shard(root, entry, manifest, report, deep)
         report.problems += problems
         report.counts["shards_ok"] += not problems
+    if deep and report.counts["shards_ok"] == len(manifest.shards) and manifest.shards:
+        report.problems += _stats_problems(manifest.stats, report)
     _check_stray_files(root, manifest, report)
     return report
+
+
+def _stats_problems(stats: fmt.StoreStats, report: VerifyReport) -> list[str]:
+    """The manifest's stats that the row scan can recompute and that disagree with it."""
+    rows, c, seen = report.counts["rows"], report.counts, report.observed
+    expected = {
+        "num_empty": c["empty_responses"],
+        "max_response_length": seen["max_response_length"],
+        "mean_response_length": c["tokens"] / rows if rows else 0.0,
+        "trunc_rate": seen["truncated"] / rows if rows else 0.0,
+    }
+    return [
+        f"manifest stats.{name} is {getattr(stats, name)!r}, the rows give {value!r}"
+        for name, value in expected.items()
+        if not np.isclose(getattr(stats, name), value, rtol=1e-9, atol=1e-12)
+    ]
 
 
 def verify_summary(report: VerifyReport) -> dict[str, Any]:
