@@ -113,6 +113,8 @@ def test_offline_opd_plus_keeps_clip_and_importance_weighting():
             "opd_plus",
             "--clip-eps",
             "0.2",
+            "--trust-region",
+            "0",
             "--importance-weighting",
         ]
     )
@@ -151,6 +153,8 @@ def test_same_rows_give_the_same_gradient_offline_and_online(micro_student_dir, 
         objective,
         "--clip-eps",
         "0.2",
+        "--trust-region",
+        "0",
         "--importance-weighting",
         "--micro-batch-size",
         "2",
