@@ -21,7 +21,8 @@ QUIET = dict(log=lambda *_: None)
 # name -> TrainConfig overrides; together they cover every objective option a method uses.
 METHODS = {
     "lightning": {},
-    "lightning-clip-iw": {"clip_eps": 0.2, "importance_weighting": True},
+    "lightning-clip-iw": {"clip_eps": 0.2, "trust_region": 0.0, "importance_weighting": True},
+    "lightning-tr-iw": {"importance_weighting": True},
     **{f"opd+-{d}": {"objective": "opd_plus", "divergence": d} for d in ("reverse_kl", "forward_kl", "jsd", "hellinger", "tv", "alpha")},
     "opd+-forward_kl-sg": {"objective": "opd_plus", "divergence": "forward_kl", "stop_gradient": True},
     "opd+-jsd-sg": {"objective": "opd_plus", "divergence": "jsd", "stop_gradient": True},

@@ -12,6 +12,7 @@ from lightning_opd.errors import InputError
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.prompts import PromptRecord
 from lightning_opd.provenance import read_provenance
+from lightning_opd.stage2 import online
 from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
 from lightning_opd.stage2.objectives import TokenBatch, make_objective, on_policy_reference_kl, reference_kl
@@ -210,7 +211,7 @@ def test_train_online_resumes_exactly_after_a_crash(
 
     losses = lambda out: [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     train_online.run(config(tmp_path / "straight"), **QUIET)
-    real, calls = train_online.accumulate_gradients, {"n": 0}
+    real, calls = online.accumulate_gradients, {"n": 0}
 
     def crash_at_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -218,10 +219,10 @@ def test_train_online_resumes_exactly_after_a_crash(
             raise RuntimeError("injected crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_online, "accumulate_gradients", crash_at_step_3)
+    monkeypatch.setattr(online, "accumulate_gradients", crash_at_step_3)
     with pytest.raises(RuntimeError, match="injected crash"):
         train_online.run(config(tmp_path / "crashed"), **QUIET)
-    monkeypatch.setattr(train_online, "accumulate_gradients", real)
+    monkeypatch.setattr(online, "accumulate_gradients", real)
     logs = []
     train_online.run(config(tmp_path / "crashed"), log=logs.append)
     assert any("resumed from" in line and "step 2" in line for line in logs)

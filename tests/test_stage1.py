@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import StoreError, TeacherConsistencyError, TokenizerMismatchError
 from lightning_opd.fingerprint import model_fingerprint
+from lightning_opd.stage1 import build
 from lightning_opd.store import open_store, verify_store
 from pipelines import precompute
 
@@ -241,14 +242,14 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(
 def test_nan_teacher_logprobs_are_refused_and_nothing_is_committed(
     tmp_path, sft_student_dir, micro_teacher_dir, opd_prompts, monkeypatch
 ):
-    real = precompute.score_sequences
+    real = build.score_sequences
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out[0].logprobs[0] = np.nan
         return out
 
-    monkeypatch.setattr(precompute, "score_sequences", poisoned)
+    monkeypatch.setattr(build, "score_sequences", poisoned)
     with pytest.raises(StoreError, match="(?i)nan|finite"):
         precompute.run(
             precompute_config(sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "s"), **QUIET

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from lightning_opd.errors import ConfigError, StoreError, TeacherConsistencyError, TrainingError
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.provenance import read_provenance
-from lightning_opd.stage2 import step as step_module
+from lightning_opd.stage2 import step
 from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.store import open_store
 from pipelines import precompute, train
@@ -155,7 +155,7 @@ def test_exact_resume_after_a_crash(micro_store, sft_student_dir, tmp_path, monk
     straight = tmp_path / "straight"
     train.run(config(sft_student_dir, micro_store, straight, steps=6, save_every=2), **QUIET)
     crashed = tmp_path / "crashed"
-    real_collate = step_module.collate  # the one update step collates each micro-batch
+    real_collate = step.collate  # the shared update step collates each micro-batch
     calls = {"n": 0}
 
     def crash_at_step_5(*args, **kwargs):
@@ -164,10 +164,10 @@ def test_exact_resume_after_a_crash(micro_store, sft_student_dir, tmp_path, monk
             raise RuntimeError("injected crash")
         return real_collate(*args, **kwargs)
 
-    monkeypatch.setattr(step_module, "collate", crash_at_step_5)
+    monkeypatch.setattr(step, "collate", crash_at_step_5)
     with pytest.raises(RuntimeError, match="injected crash"):
         train.run(config(sft_student_dir, micro_store, crashed, steps=6, save_every=2), **QUIET)
-    monkeypatch.setattr(step_module, "collate", real_collate)
+    monkeypatch.setattr(step, "collate", real_collate)
     logs = []
     train.run(config(sft_student_dir, micro_store, crashed, steps=6, save_every=2), log=logs.append)
     assert any("resumed from" in line and "step 4" in line for line in logs)

@@ -3,7 +3,8 @@
 - ``rollout``: the transformers sampler and the conventions both samplers follow (raw behaviour
   log-probs, EOS kept, per-sample seeds);
 - ``vllm_backend``: the vLLM sampler and prompt_logprobs scorer;
-- ``samplers``: ``make_sampler`` picks one.
+- ``samplers``: ``make_sampler`` picks one;
+- ``build``: the part-by-part work of ``lopd rollout`` / ``score`` / ``precompute``.
 
 Teacher scoring itself is ``lightning_opd.logprobs.score_sequences`` (the kernels every stage uses).
 """

@@ -17,15 +17,21 @@ the same shape as a store's, so the update step of offline training runs unchang
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+import torch
 
 from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
+from lightning_opd.logprobs import score_sequences
 from lightning_opd.prompts import PromptRecord, encode_prompt
 from lightning_opd.stage1.rollout import Rollout, SamplingConfig, TransformersSampler
+from lightning_opd.stage2.runs import format_status, timer
+from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients, apply_update
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +120,103 @@ def grade(rollouts: list[Rollout], answers: dict[str, str | None], verifier: str
 
 
 # ----------------------------------------------------------------------------------------------
+# One online step: sample, score, update
+
+
+@dataclass
+class OnlineSession:
+    """What every online step uses: the models, the encoded prompts, the update settings."""
+
+    config: Any  # pipelines/train_online.OnlineConfig
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module
+    teacher: torch.nn.Module
+    reference: torch.nn.Module | None  # frozen initial student (StableOPD's pi_ref), when ref_kl_coef > 0
+    tokenizer: object
+    records: list
+    encoded: list[list[int]]
+    inputs: UpdateInputs
+    writer: Any  # a StoreWriter, or None
+
+    @cached_property
+    def answers(self) -> dict:
+        return {r.prompt_id: r.answer for r in self.records}
+
+    @cached_property
+    def verifier(self) -> str:
+        return resolve_verifier(self.config.verifier, self.records)
+
+
+def online_step(session: OnlineSession, step: int) -> dict:
+    """Sample with the current student, score with the live teacher (and pi_ref), accumulate gradients."""
+    config, model, writer = session.config, session.model, session.writer
+    t0 = timer()
+    sampling = config.sampling(step)
+    chosen = prompt_batch(len(session.records), config.prompts_per_step, step, config.seed)
+    keys = [session.records[i].prompt_id for i in chosen]
+    prompt_ids = [session.encoded[i] for i in chosen]
+    rollouts = sample_rollouts(
+        session.accelerator.unwrap_model(model), session.tokenizer, prompt_ids, keys, sampling
+    )
+    t1 = timer()
+    prompts, responses = [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]
+    score = dict(
+        topk=config.topk, max_tokens_per_batch=config.max_tokens_per_batch, chunk_size=config.chunk_size
+    )
+    teacher_scores = score_sequences(session.teacher, prompts, responses, **score)
+    t2 = timer()
+    ref_scores = None
+    if session.reference is not None:
+        ref_scores = score_sequences(session.reference, prompts, responses, **{**score, "topk": 0})
+    t3 = timer()
+    rewards = grade(rollouts, session.answers, session.verifier)
+    rows = rollout_rows(rollouts, teacher_scores, topk=config.topk, ref_scores=ref_scores, rewards=rewards)
+    if writer is not None and step not in writer.committed_parts([step], checksum=False):
+        writer.write_part(step, [{k: v for k, v in r.items() if k != "ref_logprobs"} for r in rows])
+    t4 = timer()
+    stats = accumulate_gradients(model, rows, session.inputs, step=step + 1, accelerator=session.accelerator)
+    t5 = timer()
+    return {
+        **{k: v for k, v in stats.items() if k not in ("loss", "tokens", "response_tokens")},
+        **rollout_diagnostics(rollouts, rewards),
+        "step": step + 1,
+        "horizon": sampling.max_new_tokens,
+        "loss": stats["loss"],
+        "tokens": stats["tokens"],
+        "response_tokens": stats["response_tokens"],
+        "rollouts": len(rollouts),
+        "sample_s": t1 - t0,
+        "score_s": t2 - t1,
+        "ref_score_s": t3 - t2,
+        "store_s": t4 - t3,
+        "update_s": t5 - t4,  # the optimizer step is added in optimizer_step
+    }
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, config, step: int, row: dict) -> None:
+    t0 = timer()
+    row.update(apply_update(accelerator, model, optimizer, scheduler, config.grad_clip, step))
+    row["update_s"] += timer() - t0
+    row["step_time_s"] = (
+        row["sample_s"] + row["score_s"] + row["ref_score_s"] + row["store_s"] + row["update_s"]
+    )
+    row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
+
+
+def status_line(row: dict) -> str:
+    parts = [
+        format_status({k: v for k, v in row.items() if not k.startswith("eval_")}),
+        f"sample {row['sample_s']:.2f}s score {row['score_s'] + row['ref_score_s']:.2f}s update {row['update_s']:.2f}s",
+        f"trunc {100 * row['trunc_rate']:.0f}% rep {100 * row['rep_rate']:.0f}%",
+    ]
+    if "train_reward" in row:
+        parts.append(f"reward {100 * row['train_reward']:.0f}%")
+    if "eval_accuracy" in row:
+        parts.append(f"eval {100 * row['eval_accuracy']:.1f}% (trunc {100 * row['eval_trunc_rate']:.0f}%)")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation with the rollout diagnostics
 
 
@@ -145,6 +248,10 @@ def evaluate_greedy(
 
 
 __all__ = [
+    "OnlineSession",
+    "online_step",
+    "optimizer_step",
+    "status_line",
     "evaluate_greedy",
     "prompt_batch",
     "rollout_diagnostics",
