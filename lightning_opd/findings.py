@@ -37,6 +37,38 @@ FINDINGS = (
 )
 
 
+def method_grid(horizon: int, steps: int, gold_prompts: str, esr_tokens: int) -> dict[str, tuple[str, dict]]:
+    """name -> (kind, overrides of TrainConfig / OnlineConfig). ``horizon`` is the store's T."""
+    quarter = max(1, horizon // 4)
+    stable = {"ref_kl_coef": 0.01, "gold_nll_coef": 0.1}  # StableOPD's defaults (METHODS §5)
+    return {
+        "sft": ("baseline", {}),
+        "lightning": ("offline", {}),
+        "topd-25": ("offline", {"horizon": "fraction", "horizon_fraction": 0.25}),
+        "topd-10": ("offline", {"horizon": "fraction", "horizon_fraction": 0.10}),
+        "popd-staircase": (
+            "offline",
+            {
+                "horizon": "staircase",
+                "horizon_h0": quarter,
+                "horizon_dh": quarter,
+                "horizon_dk": max(1, steps // 4),
+            },
+        ),
+        "esr": ("offline", {"preset": "esr", "horizon_tokens": esr_tokens or min(100, quarter)}),
+        "opd+-fkl": ("offline", {"objective": "opd_plus", "divergence": "forward_kl"}),
+        "opd+-fkl-sg": (
+            "offline",
+            {"objective": "opd_plus", "divergence": "forward_kl", "stop_gradient": True},
+        ),
+        "opd+-jsd": ("offline", {"objective": "opd_plus", "divergence": "jsd"}),
+        "opd+-jsd-sg": ("offline", {"objective": "opd_plus", "divergence": "jsd", "stop_gradient": True}),
+        "stableopd": ("offline", {**stable, "gold_prompts": gold_prompts}),
+        "online": ("online", {}),
+        "online-stableopd": ("online", stable),
+    }
+
+
 def by_method(rows: list[dict]) -> dict[str, dict[int, dict]]:
     """method -> seed -> result row (only rows that finished)."""
     out: dict[str, dict[int, dict]] = {}

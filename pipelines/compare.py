@@ -21,9 +21,7 @@ A finished method is skipped on a rerun with the same settings (``--overwrite`` 
 
 from __future__ import annotations
 
-import csv
 import json
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -31,30 +29,21 @@ from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir, to_dict, write_json_atomic
 from lightning_opd.errors import LopdError
-from lightning_opd.findings import findings_markdown, methods_markdown, replace_between_markers
+from lightning_opd.findings import findings_markdown, method_grid, methods_markdown, replace_between_markers
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts
+from lightning_opd.reporting import (
+    format_compare_table,
+    median_step_seconds,
+    plot_compare,
+    stage_one_seconds_from_files,
+    write_csv,
+)
 from lightning_opd.stage2.online import evaluate_greedy
 from lightning_opd.store import open_store
 from pipelines import demo, precompute, train, train_online
 from pipelines.demo import DemoConfig
-from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR
-
-CSV_COLUMNS = (
-    "seed",
-    "method",
-    "kind",
-    "status",
-    "accuracy",
-    "trunc_rate",
-    "rep_rate",
-    "mean_response_tokens",
-    "train_s",
-    "median_step_s",
-    "stage_one_s",
-    "total_s",
-    "model",
-)
+from storage_schemas.logprob_store_v1 import MANIFEST_FILE
 
 
 @dataclass
@@ -117,52 +106,7 @@ class CompareConfig:
         return list(METHODS) if self.methods == "all" else [m for m in self.methods.split(",") if m]
 
 
-def method_grid(horizon: int, steps: int, gold_prompts: str, esr_tokens: int) -> dict[str, tuple[str, dict]]:
-    """name -> (kind, overrides of TrainConfig / OnlineConfig). ``horizon`` is the store's T."""
-    quarter = max(1, horizon // 4)
-    stable = {"ref_kl_coef": 0.01, "gold_nll_coef": 0.1}  # StableOPD's defaults (METHODS §5)
-    return {
-        "sft": ("baseline", {}),
-        "lightning": ("offline", {}),
-        "topd-25": ("offline", {"horizon": "fraction", "horizon_fraction": 0.25}),
-        "topd-10": ("offline", {"horizon": "fraction", "horizon_fraction": 0.10}),
-        "popd-staircase": (
-            "offline",
-            {
-                "horizon": "staircase",
-                "horizon_h0": quarter,
-                "horizon_dh": quarter,
-                "horizon_dk": max(1, steps // 4),
-            },
-        ),
-        "esr": ("offline", {"preset": "esr", "horizon_tokens": esr_tokens or min(100, quarter)}),
-        "opd+-fkl": ("offline", {"objective": "opd_plus", "divergence": "forward_kl"}),
-        "opd+-fkl-sg": (
-            "offline",
-            {"objective": "opd_plus", "divergence": "forward_kl", "stop_gradient": True},
-        ),
-        "opd+-jsd": ("offline", {"objective": "opd_plus", "divergence": "jsd"}),
-        "opd+-jsd-sg": ("offline", {"objective": "opd_plus", "divergence": "jsd", "stop_gradient": True}),
-        "stableopd": ("offline", {**stable, "gold_prompts": gold_prompts}),
-        "online": ("online", {}),
-        "online-stableopd": ("online", stable),
-    }
-
-
 METHODS = tuple(method_grid(48, 40, "", 0))
-
-
-def stage_one_seconds_from_files(store_root: Path) -> float | None:
-    """Stage-one wall-clock of a store `lopd precompute` wrote: rollouts header written -> manifest written.
-
-    File times survive a move but not a plain copy; anything implausible gives None.
-    """
-    start = store_root / ROLLOUTS_SUBDIR / "commits" / "header.json"
-    end = store_root / MANIFEST_FILE
-    if not (start.exists() and end.exists()):
-        return None
-    seconds = end.stat().st_mtime - start.stat().st_mtime
-    return seconds if seconds > 0 else None
 
 
 def build_store(config: CompareConfig, out: Path, log) -> tuple[Path, float]:
@@ -239,8 +183,8 @@ def run(config: CompareConfig, log=print) -> list[dict]:
         seed_config = replace(config, seed=seed, toy=False, **inputs)
         results += [{**r, "seed": seed} for r in run_seed(seed_config, seed_out, log)]
         write_csv(out / "results.csv", results)
-    plot(results, out / "results.png")
-    log(format_table(results))
+    plot_compare(results, out / "results.png")
+    log(format_compare_table(results))
     if config.seeds > 1:
         report = "\n\n".join([findings_markdown(results), methods_markdown(results)])
         (out / "findings.md").write_text(report + "\n")
@@ -297,9 +241,8 @@ def run_seed(config: CompareConfig, out: Path, log) -> list[dict]:
     horizon, has_topk = int(manifest.horizon), manifest.topk_k is not None
     records = load_prompts(config.eval_prompts, limit=config.eval_limit or None)
     grid = method_grid(horizon, config.steps, config.prompts, config.esr_tokens)
-    log(
-        f"compare: {len(config.method_names())} methods on {store} (T={horizon}), stage one {_fmt(stage_one)}"
-    )
+    known = "unknown" if stage_one is None else f"{stage_one:.0f} s"
+    log(f"compare: {len(config.method_names())} methods on {store} (T={horizon}), stage one {known}")
     results = []
     for name in config.method_names():
         kind, overrides = grid[name]
@@ -339,84 +282,6 @@ def run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, 
     write_json_atomic(saved, {"job": to_dict(job), "row": row})
     log(f"compare: {name}: accuracy {100 * row['accuracy']:.1f}% in {row['total_s']:.0f} s")
     return row
-
-
-def median_step_seconds(metrics: Path) -> float:
-    """Median optimizer-step time: robust to other jobs on a shared machine, unlike the wall-clock."""
-    times = [json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines() if line]
-    return statistics.median(times)
-
-
-def write_csv(path: Path, results: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    """Accuracy vs wall-clock, one marker per method (circles offline, squares online), legend outside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = plt.get_cmap("tab20").colors
-    for i, r in enumerate(r for r in results if r["status"] == "ok"):
-        if r["kind"] == "baseline":
-            ax.axhline(100 * r["accuracy"], color="gray", linestyle="--", label=f"{r['method']} (start)")
-            continue
-        marker = "o" if r["kind"] == "offline" else "s"
-        ax.scatter(
-            r["total_s"], 100 * r["accuracy"], color=colors[i % len(colors)], marker=marker, label=r["method"]
-        )
-    ax.set_xlabel("wall-clock (s): offline = stage one + training; online = training")
-    ax.set_ylabel("greedy accuracy (%)")
-    ax.set_title("OPD method family from one SFT student")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(seconds) -> str:
-    return "unknown" if seconds is None else f"{seconds:.0f} s"
-
-
-def format_table(results: list[dict]) -> str:
-    header = [
-        "method",
-        "kind",
-        "accuracy",
-        "trunc",
-        "rep",
-        "train s",
-        "step s",
-        "stage1 s",
-        "total s",
-        "status",
-    ]
-    rows = []
-    for r in results:
-        ok = r["status"] == "ok"
-        rows.append(
-            [
-                r["method"],
-                r["kind"],
-                f"{100 * r['accuracy']:.1f}%" if ok else "-",
-                f"{100 * r['trunc_rate']:.0f}%" if ok else "-",
-                f"{100 * r['rep_rate']:.0f}%" if ok else "-",
-                f"{r['train_s']:.1f}",
-                f"{r['median_step_s']:.3f}" if r.get("median_step_s") is not None else "-",
-                _fmt(r.get("stage_one_s")).replace(" s", ""),
-                f"{r['total_s']:.1f}" if ok else "-",
-                r["status"],
-            ]
-        )
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 __all__ = ["CompareConfig", "method_grid", "run", "stage_one_seconds_from_files"]

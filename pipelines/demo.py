@@ -22,7 +22,7 @@ from lightning_opd.config import check, prepare_output_dir, write_json_atomic
 from lightning_opd.evaluation import evaluate_model
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts
-from lightning_opd.stats import mean_ci
+from lightning_opd.reporting import format_results, summarize
 from lightning_opd.toy.models import MICRO_SPEC, STUDENT_SPEC, TEACHER_SPEC
 from lightning_opd.toy.teacher import (
     ToyTeacherRecipe,
@@ -249,70 +249,9 @@ def run(config: DemoConfig, log=print) -> dict:
         "seeds": per_seed,
         "summary": summarize(per_seed),
     }
-    log("\n".join(["", "=" * 72, format_results(summary, config)]))
+    log("\n".join(["", "=" * 72, format_results(summary, config.eval_prompts)]))
     write_json_atomic(work / "results.json", summary)
     return summary
-
-
-def summarize(per_seed: list[dict]) -> dict:
-    """Mean ± 95% CI over seeds of each model's accuracy, its gain over its own SFT start, its time."""
-    out = {}
-    for model in per_seed[0]["accuracy"]:
-        acc = [s["accuracy"][model] for s in per_seed]
-        gain = [s["accuracy"][model] - s["accuracy"]["SFT student"] for s in per_seed]
-        secs = [s["seconds"].get(model, 0.0) for s in per_seed]
-        out[model] = {
-            "accuracy": mean_ci(acc).as_dict(),
-            "gain": mean_ci(gain).as_dict(),
-            "seconds": mean_ci(secs).as_dict(),
-        }
-    return out
-
-
-def format_results(summary: dict, config: DemoConfig) -> str:
-    n = len(summary["seeds"])
-    spread = f"mean ± 95% CI over {n} seeds" if n > 1 else "one seed; --seeds 3 for the spread"
-    header = ["model", f"greedy accuracy ({spread})", "vs SFT", "wall time"]
-    rows = [
-        [
-            "teacher",
-            f"{100 * summary['teacher_accuracy']:.1f}%",
-            "",
-            "cached" if summary["teacher_s"] < 5 else f"{summary['teacher_s']:.0f} s",
-        ]
-    ]
-    for model, s in summary["summary"].items():
-        acc, gain, secs = (_ci(s[k]) for k in ("accuracy", "gain", "seconds"))
-        is_sft = model == "SFT student"
-        rows.append(
-            [
-                model,
-                acc.format() + "%",
-                "" if is_sft else f"{100 * gain.mean:+.1f}",
-                "" if is_sft else f"{secs.mean:.0f} s",
-            ]
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    lines = [
-        f"lightning-opd demo: {config.eval_prompts} held-out problems",
-        line(header),
-        line(["-" * w for w in widths]),
-    ]
-    lines += [line(r) for r in rows]
-    stages = summary["seeds"][0]["timings_s"]
-    lines += ["", "time per stage (mean over seeds):"] + [
-        f"  {k:<36} {sum(s['timings_s'][k] for s in summary['seeds']) / n:7.1f} s" for k in stages
-    ]
-    lines.append(
-        "wall time: offline = stage one (rollouts + teacher scoring, shared by the offline runs) + training; "
-        "online = training with the live teacher"
-    )
-    return "\n".join(lines)
-
-
-def _ci(d: dict):
-    return mean_ci(d["values"])
 
 
 def load_results(workdir: str | Path) -> dict:
