@@ -200,20 +200,11 @@ def run_rollouts(config, log=print) -> Path:
             [encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part
         )
         rows = [
-            {
-                "prompt_id": r.prompt_id,
-                "sample_index": r.sample_index,
-                "prompt_ids": r.prompt_ids,
-                "response_ids": r.response_ids,
-                "behavior_logprobs": r.behavior_logprobs,
-                "sampling_logprobs": r.sampling_logprobs,
-                "teacher_logprobs": None,
-                "finish_reason": r.finish_reason,
-                "reward": None
-                if answers[r.prompt_id] is None
-                else grade(r.response_text, answers[r.prompt_id]),
-                "response_text": r.response_text if config.keep_text else None,
-            }
+            r.store_row(
+                teacher_logprobs=None,  # a rollouts store: `lopd score` fills them
+                reward=None if answers[r.prompt_id] is None else grade(r.response_text, answers[r.prompt_id]),
+                response_text=r.response_text if config.keep_text else None,
+            )
             for r in rollouts
         ]
         writer.write_part(part, rows)

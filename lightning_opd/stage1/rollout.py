@@ -98,6 +98,22 @@ class Rollout:
     # One per response token, see SAMPLING_LOGPROBS_DISTRIBUTION; None when the sampler did not give them.
     sampling_logprobs: list[float] | None = None
 
+    def store_row(self, *, teacher_logprobs, reward, response_text) -> dict:
+        """This rollout as a store row (the store's column names): the one place a sampler's output
+        becomes a row, for stage one and for online training's ``--write-store`` alike."""
+        return {
+            "prompt_id": self.prompt_id,
+            "sample_index": self.sample_index,
+            "prompt_ids": self.prompt_ids,
+            "response_ids": self.response_ids,
+            "behavior_logprobs": self.behavior_logprobs,
+            "sampling_logprobs": self.sampling_logprobs,
+            "teacher_logprobs": teacher_logprobs,
+            "finish_reason": self.finish_reason,
+            "reward": reward,
+            "response_text": response_text,
+        }
+
 
 class Sampler(Protocol):
     """What stage one needs from a rollout backend."""

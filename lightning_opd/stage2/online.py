@@ -77,18 +77,11 @@ def rollout_rows(
     """Store-shaped rows (the store's column names) from rollouts and their teacher scores."""
     rows = []
     for i, (r, s) in enumerate(zip(rollouts, teacher_scores)):
-        row = {
-            "prompt_id": r.prompt_id,
-            "sample_index": r.sample_index,
-            "prompt_ids": r.prompt_ids,
-            "response_ids": r.response_ids,
-            "behavior_logprobs": r.behavior_logprobs,
-            "sampling_logprobs": r.sampling_logprobs,
-            "teacher_logprobs": s.logprobs.tolist(),
-            "finish_reason": r.finish_reason,
-            "reward": None if rewards is None else rewards[i],
-            "response_text": r.response_text,
-        }
+        row = r.store_row(
+            teacher_logprobs=s.logprobs.tolist(),
+            reward=None if rewards is None else rewards[i],
+            response_text=r.response_text,
+        )
         if topk:
             row["teacher_topk_ids"] = s.topk_ids.tolist()
             row["teacher_topk_logprobs"] = s.topk_logprobs.tolist()
