@@ -66,15 +66,12 @@ def test_micro_demo_over_seeds_reports_mean_and_interval(tmp_path):
     assert lightning["accuracy"]["n"] == 2 and len(lightning["gain"]["values"]) == 2
 
 
-def _demo_over_three_seeds(tmp_path_factory):
+@pytest.fixture(scope="module")
+def three_seeds(tmp_path_factory):
+    """`lopd demo --seeds 3`, run once for both slow tests below."""
     work = tmp_path_factory.mktemp("demo3") / "demo"
     run_lopd("demo", "--workdir", work, "--seeds", 3, "--objectives", "lightning")
     return json.loads((work / "results.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def three_seeds(tmp_path_factory):
-    return _demo_over_three_seeds(tmp_path_factory)
 
 
 @pytest.mark.slow
