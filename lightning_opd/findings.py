@@ -34,11 +34,20 @@ FINDINGS = (
     Finding("OPD+ (w_f) beats stop-gradient OPD, forward KL", "opd+-fkl", "opd+-fkl-sg", "better"),
     Finding("OPD+ (w_f) beats stop-gradient OPD, JSD", "opd+-jsd", "opd+-jsd-sg", "better"),
     Finding("StableOPD (ref-KL + gold mixture) ≥ Lightning", "stableopd", "lightning", "equal"),
+    Finding(
+        "Teacher consistency: the SFT teacher's store beats another teacher's",
+        "lightning",
+        "inconsistent",
+        "better",
+    ),
 )
 
 
 def method_grid(horizon: int, steps: int, gold_prompts: str, esr_tokens: int) -> dict[str, tuple[str, dict]]:
-    """name -> (kind, overrides of TrainConfig / OnlineConfig). ``horizon`` is the store's T."""
+    """name -> (kind, overrides of TrainConfig / OnlineConfig). ``horizon`` is the store's T.
+
+    Kinds: baseline (the SFT student), offline (from the store), inconsistent (offline, from the same
+    rollouts scored by another teacher), online (live teacher)."""
     quarter = max(1, horizon // 4)
     stable = {"ref_kl_coef": 0.01, "gold_nll_coef": 0.1}  # StableOPD's defaults (METHODS §5)
     return {
@@ -64,6 +73,8 @@ def method_grid(horizon: int, steps: int, gold_prompts: str, esr_tokens: int) ->
         "opd+-jsd": ("offline", {"objective": "opd_plus", "divergence": "jsd"}),
         "opd+-jsd-sg": ("offline", {"objective": "opd_plus", "divergence": "jsd", "stop_gradient": True}),
         "stableopd": ("offline", {**stable, "gold_prompts": gold_prompts}),
+        # The same rollouts scored by a teacher other than the SFT teacher (compare's --other-teacher).
+        "inconsistent": ("inconsistent", {}),
         "online": ("online", {}),
         "online-stableopd": ("online", stable),
     }

@@ -43,7 +43,7 @@ from lightning_opd.stage2.online import evaluate_greedy
 from lightning_opd.store import open_store
 from pipelines import demo, precompute, train, train_online
 from pipelines.demo import DemoConfig
-from storage_schemas.logprob_store_v1 import MANIFEST_FILE
+from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR
 
 
 @dataclass
@@ -53,6 +53,13 @@ class CompareConfig:
         default="", metadata={"help": "the SFT student every method starts from (the store's sampler)"}
     )
     teacher: str = field(default="", metadata={"help": "its SFT teacher (online methods; stage one)"})
+    other_teacher: str = field(
+        default="",
+        metadata={
+            "help": "method `inconsistent`: a teacher that did not write the SFT data, ideally with another "
+            "answer style (--toy trains one that writes each column's sum first)"
+        },
+    )
     prompts: str = field(
         default="", metadata={"help": "OPD prompt set with solutions (online prompts, gold mixture)"}
     )
@@ -95,6 +102,10 @@ class CompareConfig:
         check(
             not (self.toy and self.store),
             "--toy builds a store per seed; drop --store (or drop --toy and pass --student etc.)",
+        )
+        check(
+            self.toy or self.other_teacher or "inconsistent" not in self.method_names(),
+            "method `inconsistent` needs --other-teacher (a teacher other than the student's SFT teacher)",
         )
         if self.micro:
             self.steps, self.batch_size, self.online_n = 2, 4, 2
@@ -147,7 +158,7 @@ def run_method(
         log_every=config.steps,
         overwrite=True,
     )
-    if kind == "offline":
+    if kind in ("offline", "inconsistent"):
         job = train.TrainConfig(
             stores=str(store),
             batch_size=config.batch_size,
@@ -212,7 +223,11 @@ def toy_inputs(config: CompareConfig, out: Path, seed: int, log) -> dict:
     teacher = demo.toy_teacher(demo_config, log)
     student = demo.stage_zero(demo_config, teacher, out, prompts, seed, log)
     store = demo.stage_one(demo_config, teacher, student, out, prompts, seed, log)
+    other = {}
+    if "inconsistent" in config.method_names():
+        other["other_teacher"] = str(demo.toy_teacher(demo_config, log, style="sum_first"))
     return {
+        **other,
         "student": str(student),
         "teacher": str(teacher),
         "prompts": str(prompts["opd"]),
@@ -243,13 +258,45 @@ def run_seed(config: CompareConfig, out: Path, log) -> list[dict]:
     grid = method_grid(horizon, config.steps, config.prompts, config.esr_tokens)
     known = "unknown" if stage_one is None else f"{stage_one:.0f} s"
     log(f"compare: {len(config.method_names())} methods on {store} (T={horizon}), stage one {known}")
+    inconsistent = "inconsistent" in config.method_names()
+    other_store = score_with_other_teacher(config, store, out, log) if inconsistent else None
     results = []
     for name in config.method_names():
         kind, overrides = grid[name]
+        method_store = other_store if kind == "inconsistent" else store
         results.append(
-            run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, records, out, log)
+            run_one(
+                name, kind, overrides, config, method_store, horizon, has_topk, stage_one, records, out, log
+            )
         )
     return results
+
+
+def score_with_other_teacher(config: CompareConfig, store: Path, out: Path, log) -> Path:
+    """The store's own rollouts scored by ``--other-teacher``: the teacher-consistency control, where only
+    the teacher differs (same prompts, same samples, same top-k)."""
+    other = out / "store-other-teacher"
+    if not (other / MANIFEST_FILE).exists():
+        rollouts = store / ROLLOUTS_SUBDIR
+        check(
+            (rollouts / MANIFEST_FILE).exists(),
+            f"method `inconsistent` rescores {rollouts}, which is missing: build the store with `lopd "
+            "precompute` (it keeps the rollouts), or drop the method",
+        )
+        manifest = open_store(store).manifest
+        precompute.run(
+            precompute.ScoreConfig(
+                rollouts=str(rollouts),
+                teacher=config.other_teacher,
+                out=str(other),
+                topk=manifest.topk_k or 0,
+                allow_inconsistent_teacher=True,
+                allow_duplicate=True,
+                overwrite=True,
+            ),
+            log=log,
+        )
+    return other
 
 
 def run_one(name, kind, overrides, config, store, horizon, has_topk, stage_one, records, out, log) -> dict:

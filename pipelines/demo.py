@@ -92,10 +92,11 @@ def _timed(timings: dict, key: str, fn):
     return result
 
 
-def toy_teacher(config: DemoConfig, log) -> Path:
-    """The toy teacher (trained once, then cached under a key of its recipe)."""
+def toy_teacher(config: DemoConfig, log, style: str = "columns") -> Path:
+    """The toy teacher (trained once, then cached under a key of its recipe); ``style`` = how it writes
+    each column (another style gives the teacher-consistency control of ``lopd compare``)."""
     spec = MICRO_SPEC if config.micro else TEACHER_SPEC
-    recipe = ToyTeacherRecipe(spec=spec, steps=config.teacher_steps, seed=0)
+    recipe = ToyTeacherRecipe(spec=spec, steps=config.teacher_steps, seed=0, style=style)
     return ensure_toy_teacher(recipe, Path(config.cache_dir) if config.cache_dir else None, log=log)
 
 

@@ -1,6 +1,7 @@
 """Means with intervals, the findings' verdicts, and `lopd compare --toy --seeds N` end to end."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -74,15 +75,19 @@ def test_compare_toy_over_seeds_end_to_end(tmp_path):
     readme.write_text(f"{MARKER_START}\n{MARKER_END}\n")
     out = tmp_path / "compare"
     result = run_lopd(
-        "compare", "--toy", "--micro", "--seeds", 2, "--methods", "sft,lightning,topd-10,online",
+        "compare", "--toy", "--micro", "--seeds", 2, "--methods", "sft,lightning,topd-10,online,inconsistent",
         "--out", out, "--readme", readme, "--cache-dir", tmp_path / "cache",
     )  # fmt: skip
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert sorted({(r["seed"], r["method"]) for r in rows}) == sorted(
-        (str(s), m) for s in (0, 1) for m in ("sft", "lightning", "topd-10", "online")
+        (str(s), m) for s in (0, 1) for m in ("sft", "lightning", "topd-10", "online", "inconsistent")
     )
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     assert (out / "seed-1" / "store" / "manifest.json").exists()
+    # the control: the same rollouts, scored by a second (sum-first) teacher and recorded as inconsistent
+    other = json.loads((out / "seed-1" / "store-other-teacher" / "manifest.json").read_text())
+    assert other["teacher_consistency"]["consistent"] is False and other["teacher_consistency"]["allowed"]
+    assert any("sum_first" in p.name for p in (tmp_path / "cache").iterdir())
     text = readme.read_text()
-    assert "TOPD at 10% of the horizon" in text and "over 2 seeds" in text and "| lightning |" in text
+    assert "Teacher consistency" in text and "TOPD at 10% of the horizon" in text and "over 2 seeds" in text and "| lightning |" in text
     assert "regenerated the findings table" in result.stdout

@@ -34,6 +34,11 @@ def test_tokenizer_round_trips_exactly(char_tokenizer, tmp_path):
 def test_worked_solution_format():
     assert worked_solution(47, 38) == "7+8+0=15,4+3+1=08;85"
     assert worked_solution(999, 1) == "9+1+0=10,9+0+1=10,9+0+1=10;1000"
+    # the second teacher's style: the same columns, sum first; same final answer for the verifier
+    assert worked_solution(47, 38, "sum_first") == "15=7+8+0,08=4+3+1;85"
+    assert grade(worked_solution(999, 1, "sum_first"), "1000") == 1.0
+    with pytest.raises(ValueError, match="style"):
+        worked_solution(1, 2, "words")
     assert Problem(5, 7).prompt == "5+7=" and Problem(5, 7).answer == "12"
 
 

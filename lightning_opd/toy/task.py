@@ -49,14 +49,22 @@ class Problem:
         return f"add-{self.a}-{self.b}"
 
 
-def worked_solution(a: int, b: int) -> str:
+# How a teacher writes each column. "columns" is the task's own style (``7+8+0=15``); "sum_first"
+# (``15=7+8+0``) is the same computation in another order, for a teacher whose answers are a different
+# distribution over the same characters: the teacher-consistency finding needs one (METHODS §2).
+SOLUTION_STYLES = ("columns", "sum_first")
+
+
+def worked_solution(a: int, b: int, style: str = "columns") -> str:
+    if style not in SOLUTION_STYLES:
+        raise ValueError(f"unknown solution style {style!r}; choose one of {SOLUTION_STYLES}")
     da, db = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={s:02d}")
+        steps.append(f"{x}+{y}+{carry}={s:02d}" if style == "columns" else f"{s:02d}={x}+{y}+{carry}")
         carry = s // 10
     return ",".join(steps) + f";{a + b}"
 

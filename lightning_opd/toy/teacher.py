@@ -22,7 +22,7 @@ from lightning_opd.prompts import write_jsonl
 from lightning_opd.provenance import Provenance, write_provenance
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
 from lightning_opd.toy.models import STUDENT_SPEC, TEACHER_SPEC, ToyModelSpec, build_model
-from lightning_opd.toy.task import sample_problems, to_records
+from lightning_opd.toy.task import sample_problems, to_records, worked_solution
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 
 
@@ -39,17 +39,26 @@ class ToyTeacherRecipe:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    style: str = "columns"  # the worked-solution style it is trained on (toy.task.SOLUTION_STYLES)
 
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        if self.style == "columns":
+            del fields["style"]  # the default style keeps the cache key teachers had before styles existed
+        payload = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def gold_examples(tokenizer, split: str, n: int, digits, seed: int) -> list[SFTExample]:
+def gold_examples(
+    tokenizer, split: str, n: int, digits, seed: int, style: str = "columns"
+) -> list[SFTExample]:
     problems = sample_problems(split, n, digits=digits, seed=seed)
     eos = tokenizer.eos_token_id
     return [
-        SFTExample(tokenizer(p.prompt)["input_ids"], tokenizer(p.solution)["input_ids"] + [eos])
+        SFTExample(
+            tokenizer(p.prompt)["input_ids"],
+            tokenizer(worked_solution(p.a, p.b, style))["input_ids"] + [eos],
+        )
         for p in problems
     ]
 
@@ -58,7 +67,8 @@ def ensure_toy_teacher(
     recipe: ToyTeacherRecipe = ToyTeacherRecipe(), cache_dir: Path | None = None, log=print
 ) -> Path:
     """Path of a trained toy teacher for ``recipe``, training it (minutes) only when not cached."""
-    out = (cache_dir or default_cache_dir()) / f"toy-teacher-{recipe.spec.describe()}-{recipe.key()}"
+    style = "" if recipe.style == "columns" else f"-{recipe.style}"
+    out = (cache_dir or default_cache_dir()) / f"toy-teacher-{recipe.spec.describe()}{style}-{recipe.key()}"
     if (out / "lopd_provenance.json").exists():
         log(f"toy teacher: reusing cached {out}")
         return out
@@ -68,7 +78,9 @@ def ensure_toy_teacher(
     torch.manual_seed(recipe.seed)
     tokenizer = build_char_tokenizer()
     model = build_model(recipe.spec, tokenizer, seed=recipe.seed)
-    examples = gold_examples(tokenizer, "teacher", recipe.num_problems, recipe.digits, recipe.seed)
+    examples = gold_examples(
+        tokenizer, "teacher", recipe.num_problems, recipe.digits, recipe.seed, recipe.style
+    )
     start = time.time()
     config = SFTTrainConfig(
         steps=recipe.steps,
