@@ -89,5 +89,10 @@ def test_compare_toy_over_seeds_end_to_end(tmp_path):
     assert other["teacher_consistency"]["consistent"] is False and other["teacher_consistency"]["allowed"]
     assert any("sum_first" in p.name for p in (tmp_path / "cache").iterdir())
     text = readme.read_text()
-    assert "Teacher consistency" in text and "TOPD at 10% of the horizon" in text and "over 2 seeds" in text and "| lightning |" in text
+    assert (
+        "Teacher consistency" in text
+        and "TOPD at 10% of the horizon" in text
+        and "over 2 seeds" in text
+        and "| lightning |" in text
+    )
     assert "regenerated the findings table" in result.stdout
