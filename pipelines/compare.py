@@ -82,6 +82,13 @@ class CompareConfig:
     esr_tokens: int = field(default=0, metadata={"help": "ESR's N (default: min(100, T/4) of the store's T)"})
     topk: int = field(default=20, metadata={"help": "teacher top-k when stage one runs here"})
     max_new_tokens: int = field(default=48, metadata={"help": "horizon T when stage one runs here"})
+    temperature: float = field(
+        default=-1.0,
+        metadata={
+            "help": "sampling temperature of stage one and of the online methods (< 0: their own defaults, "
+            "0.7 and 1.0); a long horizon with a high temperature is where rollouts can inflate (StableOPD)"
+        },
+    )
     stage_one_seconds: float = field(
         default=-1.0, metadata={"help": "stage-one time of --store (-1: from the store's file times)"}
     )
@@ -134,7 +141,7 @@ def build_store(config: CompareConfig, out: Path, log) -> tuple[Path, float]:
                 topk=config.topk,
                 seed=config.seed,
                 backend="transformers",
-                temperature=1.0 if config.micro else 0.7,
+                temperature=1.0 if config.micro else (0.7 if config.temperature < 0 else config.temperature),
                 overwrite=True,
             ),
             log=log,
@@ -163,8 +170,7 @@ def run_method(
             stores=str(store),
             batch_size=config.batch_size,
             micro_batch_size=config.batch_size,
-            **common,
-            **overrides,
+            **{**common, **overrides},  # a method may override a common setting (the paper's: warmup 0)
         )
         return job, lambda log: train.run(job, log=log)
     job = train_online.OnlineConfig(
@@ -174,8 +180,8 @@ def run_method(
         n=config.online_n,
         max_new_tokens=horizon,
         micro_batch_size=config.batch_size,
-        **common,
-        **overrides,
+        **({"temperature": config.temperature} if config.temperature >= 0 else {}),
+        **{**common, **overrides},
     )
     return job, lambda log: train_online.run(job, log=log)
 
@@ -216,6 +222,7 @@ def toy_inputs(config: CompareConfig, out: Path, seed: int, log) -> dict:
         horizon=config.max_new_tokens,
         topk=config.topk,
         backend="transformers",
+        **({"temperature": config.temperature} if config.temperature >= 0 else {}),
         **(sizes if config.micro else {}),
     )
     out.mkdir(parents=True, exist_ok=True)

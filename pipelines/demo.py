@@ -67,6 +67,7 @@ class DemoConfig:
     online_n: int = field(default=4, metadata={"help": "online OPD: samples per prompt each step"})
     rollouts_per_prompt: int = 1
     horizon: int = 48
+    temperature: float = field(default=0.7, metadata={"help": "stage one's sampling temperature"})
     teacher_steps: int = 300
     micro: bool = field(default=False, metadata={"help": "tiny sizes for tests (numbers meaningless)"})
     seed: int = field(default=0, metadata={"help": "the first seed"})
@@ -140,6 +141,7 @@ def stage_one(config: DemoConfig, teacher: Path, student: Path, work: Path, prom
             out=str(store),
             n=config.rollouts_per_prompt,
             max_new_tokens=config.horizon,
+            temperature=config.temperature,
             seed=seed,
             backend=config.backend,
             topk=config.topk,

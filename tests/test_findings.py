@@ -55,6 +55,11 @@ def test_verdicts_follow_the_paired_interval():
     rows = _rows("lightning", [0.7, 0.72, 0.71], 90) + _rows("online", [0.7, 0.71, 0.71], 30)
     assert judge(faster, by_method(rows), 0.05)["verdict"] == "no (not faster)"
     assert judge(faster, by_method(_rows("lightning", [0.7])), 0.05) is None
+    at_least = next(f for f in FINDINGS if f.a == "online-stableopd")
+    rows = _rows("online", [0.50, 0.55, 0.60]) + _rows("online-stableopd", [0.80, 0.85, 0.90])
+    assert judge(at_least, by_method(rows), 0.05)["verdict"] == "yes"  # far better is still ≥
+    rows = _rows("online", [0.80, 0.85, 0.90]) + _rows("online-stableopd", [0.50, 0.55, 0.60])
+    assert judge(at_least, by_method(rows), 0.05)["verdict"] == "no"
 
 
 def test_readme_table_is_replaced_between_markers_only(tmp_path):
