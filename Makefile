@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-vllm test-slow test-gpu lint format bench clean
+.PHONY: setup demo test test-unit test-vllm test-slow test-gpu gpu-check lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_online_step.py --spec toy
+	$(BIN)/python benchmarks/bench_vocab_memory.py
+
+## GPU readiness: CUDA tests + GPU benchmarks (< 8 min); skips and exits 0 without a CUDA device.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

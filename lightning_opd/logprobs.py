@@ -7,7 +7,9 @@ positions at a time in the model's dtype; only that chunk is upcast to fp32 for 
 the entries we keep (the sampled token, a top-k, or a given support) are gathered from it.
 
 Positions are flattened before chunking, so ``chunk_size`` counts token positions over the whole
-batch: peak extra memory is O(chunk_size · vocab) whatever the batch size or sequence length.
+batch, and a chunk also holds at most ``max_chunk_logits`` logits: at a large vocabulary it has fewer
+positions (1024 at 32k, 128 at 262k by default). Peak extra memory is therefore O(max_chunk_logits)
+whatever the batch size, the sequence length or the vocabulary.
 
 ``score_sequences`` is the stage-one teacher (and behaviour-policy) scoring call built on these
 kernels: length-bucketed batches, right padding, logits only at response positions.
@@ -30,6 +32,16 @@ from lightning_opd.errors import InputError
 
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_TOKENS_PER_BATCH = 16384
+# Logits per chunk: 1024 positions at a 32k vocabulary (128 MiB in fp32). Without this cap a fixed
+# position count makes each chunk's buffers grow with the vocabulary (8x from 32k to 262k).
+DEFAULT_MAX_CHUNK_LOGITS = 1 << 25
+
+
+def positions_per_chunk(chunk_size: int, vocab: int, max_chunk_logits: int = DEFAULT_MAX_CHUNK_LOGITS) -> int:
+    """Positions in one chunk: ``chunk_size``, fewer when ``chunk_size · vocab`` would pass the cap."""
+    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    check(max_chunk_logits >= 1, f"max_chunk_logits must be >= 1, got {max_chunk_logits}")
+    return max(1, min(chunk_size, max_chunk_logits // max(1, vocab)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +202,6 @@ def _topk_chunk(h, weight, bias, k: int, postprocess: LogitPostprocess) -> tuple
 
 def _run_chunks(fn, hidden: Tensor, per_position: Tensor, chunk_size: int, use_checkpoint: bool) -> Tensor:
     """Apply ``fn(h_chunk, per_position_chunk)`` over flattened positions and concatenate."""
-    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     lead = hidden.shape[:-1]
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_x = per_position.reshape(flat_h.shape[0], *per_position.shape[len(lead) :])
@@ -220,6 +231,7 @@ def token_logprobs_from_hidden(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint: bool = False,
     postprocess: LogitPostprocess = IDENTITY,
+    max_chunk_logits: int = DEFAULT_MAX_CHUNK_LOGITS,
 ) -> Tensor:
     """fp32 ``log softmax(postprocess(hidden @ weight.T + bias))[..., targets]``, shape ``hidden.shape[:-1]``.
 
@@ -236,7 +248,8 @@ def token_logprobs_from_hidden(
     def fn(h, t):
         return _token_chunk(h, weight, bias, t, postprocess)
 
-    return _run_chunks(fn, hidden, targets, chunk_size, _wants_checkpoint(checkpoint, hidden, weight, bias))
+    rows = positions_per_chunk(chunk_size, weight.shape[0], max_chunk_logits)
+    return _run_chunks(fn, hidden, targets, rows, _wants_checkpoint(checkpoint, hidden, weight, bias))
 
 
 def logprobs_at_ids_from_hidden(
@@ -248,6 +261,7 @@ def logprobs_at_ids_from_hidden(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint: bool = False,
     postprocess: LogitPostprocess = IDENTITY,
+    max_chunk_logits: int = DEFAULT_MAX_CHUNK_LOGITS,
 ) -> Tensor:
     """fp32 full-vocabulary log-probs at ``ids [..., K]`` (e.g. the student on the teacher's top-k).
 
@@ -261,7 +275,8 @@ def logprobs_at_ids_from_hidden(
     def fn(h, x):
         return _ids_chunk(h, weight, bias, x, postprocess)
 
-    return _run_chunks(fn, hidden, ids, chunk_size, _wants_checkpoint(checkpoint, hidden, weight, bias))
+    rows = positions_per_chunk(chunk_size, weight.shape[0], max_chunk_logits)
+    return _run_chunks(fn, hidden, ids, rows, _wants_checkpoint(checkpoint, hidden, weight, bias))
 
 
 def topk_logprobs_from_hidden(
@@ -272,6 +287,7 @@ def topk_logprobs_from_hidden(
     bias: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     postprocess: LogitPostprocess = IDENTITY,
+    max_chunk_logits: int = DEFAULT_MAX_CHUNK_LOGITS,
 ) -> tuple[Tensor, Tensor]:
     """``(ids int32 [..., k], log-probs fp32 [..., k])``: the k most likely tokens, most likely first.
 
@@ -279,12 +295,12 @@ def topk_logprobs_from_hidden(
     ``inference_mode`` when ``hidden`` requires grad.
     """
     check(1 <= k <= weight.shape[0], f"k must be in [1, vocab={weight.shape[0]}], got {k}")
-    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    rows = positions_per_chunk(chunk_size, weight.shape[0], max_chunk_logits)
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids_out, lp_out = [], []
-    for start in range(0, flat.shape[0], chunk_size):
-        ids, lps = _topk_chunk(flat[start : start + chunk_size], weight, bias, k, postprocess)
+    for start in range(0, flat.shape[0], rows):
+        ids, lps = _topk_chunk(flat[start : start + rows], weight, bias, k, postprocess)
         ids_out.append(ids)
         lp_out.append(lps)
     if not ids_out:

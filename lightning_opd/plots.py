@@ -311,9 +311,13 @@ def write_benchmark(
     ylabel: str,
     kind: str = "bar",
     logx: bool = False,
-) -> tuple[Path, Path]:
-    """A benchmark's table as ``NAME.csv`` plus a chart ``NAME.png`` beside it (bars, or lines over ``x``)."""
+) -> tuple[Path, Path | None]:
+    """A benchmark's table as ``NAME.csv`` plus a chart ``NAME.png`` beside it (bars, or lines over ``x``).
+
+    Without matplotlib (e.g. a bare GPU machine) only the CSV is written and the chart is None.
+    """
     import csv
+    import importlib.util
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +327,8 @@ def write_benchmark(
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    if importlib.util.find_spec("matplotlib") is None:
+        return csv_path, None
     fig, ax = new_figure()
     labels = [str(row[x]) for row in rows]
     if kind == "line":

@@ -14,7 +14,7 @@ from transformers import (
     GraniteForCausalLM,
 )
 
-from lightning_opd.errors import InputError
+from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.logprobs import (
     LogitPostprocess,
     bare_forward,
@@ -23,6 +23,7 @@ from lightning_opd.logprobs import (
     logprobs_at_ids_from_hidden,
     output_head,
     plan_batches,
+    positions_per_chunk,
     score_sequences,
     token_logprobs_from_hidden,
     topk_logprobs_from_hidden,
@@ -151,6 +152,41 @@ def test_checkpoint_keeps_no_logits_for_backward(tensors):
     )
     assert sum(plain) >= n_positions * V  # every chunk's logits are held without checkpointing
     assert sum(ckpt) < n_positions * V / 2  # with it, autograd holds no [chunk, V] tensor
+
+
+def test_positions_per_chunk_caps_the_logits_of_a_chunk():
+    assert positions_per_chunk(1024, 32768) == 1024  # the default cap is 1024 positions at 32k
+    assert positions_per_chunk(1024, 262144) == 128  # 8x the vocabulary, 1/8 the positions
+    assert positions_per_chunk(7, 100, max_chunk_logits=10_000) == 7  # chunk_size stays a maximum
+    assert positions_per_chunk(1024, 10**9) == 1  # never zero positions
+    with pytest.raises(ConfigError, match="chunk_size"):
+        positions_per_chunk(0, 100)
+
+
+def test_capped_chunks_hold_at_most_the_cap_and_match_naive(tensors):
+    (h1, w1, b1), targets = _leaves(tensors)
+    (h2, w2, b2), _ = _leaves(tensors)
+    cap = 3 * V  # 3 positions per chunk although chunk_size asks for 1000
+    sizes = _saved_numels(
+        lambda: token_logprobs_from_hidden(h1, w1, targets, bias=b1, chunk_size=1000, max_chunk_logits=cap)
+    )
+    # Besides the weight, the largest tensor autograd keeps is one capped chunk's logits (not 33 x V).
+    assert max(n for n in sizes if n != V * H) == cap
+    ours = token_logprobs_from_hidden(
+        h1, w1, targets, bias=b1, chunk_size=1000, checkpoint=True, max_chunk_logits=cap
+    )
+    ref = _naive_logprobs(h2, w2, b2).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    ours.sum().backward()
+    ref.sum().backward()
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    hidden, weight, bias, _ = tensors
+    ids, lps = topk_logprobs_from_hidden(hidden, weight, 4, bias=bias, chunk_size=1000, max_chunk_logits=cap)
+    ref_lps, ref_ids = _naive_logprobs(hidden, weight, bias).topk(4, dim=-1)
+    assert torch.equal(ids.long(), ref_ids)
+    at = logprobs_at_ids_from_hidden(hidden, weight, ids, bias=bias, chunk_size=1000, max_chunk_logits=cap)
+    torch.testing.assert_close(at, ref_lps, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
