@@ -22,6 +22,7 @@ from test_store_common import make_header, make_rows, read_table, rewrite_shard,
 
 from lightning_opd.errors import StoreError
 from lightning_opd.store import StoreWriter, open_store, tools
+from lightning_opd.store.summary import summarize_store
 from lightning_opd.store.verify import verify_store
 from pipelines import precompute, train
 from storage_schemas import logprob_store_v1 as fmt
@@ -119,6 +120,11 @@ def test_compact_store_verifies_and_reads_back_within_the_bound(tmp_path):
             assert after.column(name).equals(before.column(name)), name
     row = next(open_store(dst).iter_rows())
     assert row["teacher_topk_logprobs"].dtype == np.float32 and row["teacher_topk_logprobs"].shape[1] == 2
+
+    assert summarize_store(dst)["logprob_encoding"].startswith("fixed16 (max error 0.000244")
+    assert summarize_store(src)["logprob_encoding"] == "float32"
+    scale = next(r for r in tools.diff_stores(src, dst) if r.field == "encoding.scale")
+    assert (scale.a, scale.b, scale.identity) == (None, 2048, True)
 
     with pytest.raises(StoreError, match="already compact"):
         tools.compact_store(dst, tmp_path / "again", **QUIET)
