@@ -310,6 +310,9 @@ def commit_file(part: int) -> str:
 # become 0. Readers decode transparently (``decode_batch``), so stage two and every tool see float32.
 # The manifest's ``encoding`` section states codec, scale, range and maximum error; a store is compact
 # or not as a whole (the writer refuses to mix, verify checks every shard's schema).
+# Top-k log-probs come sorted (rank 1 first), so neighbouring codes are close: each position's codes
+# are stored as rank 1's code, then differences from the previous rank (mod 2^16, lossless whatever
+# the order). On Gemma-3-270M's top-20 this takes them from 38.7 to 29.5 bytes per response token.
 
 LOGPROB_COLUMNS = ("behavior_logprobs", SAMPLING_COLUMN, "teacher_logprobs", "teacher_topk_logprobs")
 ENCODING_FIXED16 = "fixed16"
@@ -325,6 +328,7 @@ def fixed16_encoding(scale: int = FIXED16_SCALE) -> dict[str, Any]:
         "min_logprob": -FIXED16_MAX_CODE / scale,
         "max_abs_error": 0.5 / scale,
         "below_min": "clamped to min_logprob",
+        "teacher_topk_logprobs": "per position: rank 1's code, then differences from the previous rank mod 2^16",
     }
 
 
@@ -356,24 +360,56 @@ def decode_logprobs(codes: np.ndarray, scale: int = FIXED16_SCALE) -> np.ndarray
     return (-np.asarray(codes, dtype=np.float32)) / np.float32(scale)
 
 
-def _map_leaves(array: pa.Array, fn: Callable[[np.ndarray], np.ndarray], target: pa.DataType) -> pa.Array:
+def _delta_encode(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Within each list ``offsets[i]:offsets[i+1]`` of ``codes``: the first code, then differences mod 2^16."""
+    out = codes.copy()
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    c = codes[lo:hi].astype(np.int64)
+    d = c.copy()
+    d[1:] -= c[:-1]
+    starts = (offsets[:-1] - lo)[np.diff(offsets) > 0]
+    d[starts] = c[starts]
+    out[lo:hi] = (d % 2**16).astype(np.uint16)
+    return out
+
+
+def _delta_decode(deltas: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Inverse of ``_delta_encode``: a running sum mod 2^16 restarted at each list."""
+    out = deltas.copy()
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return out
+    sums = np.cumsum(deltas[lo:hi].astype(np.int64))
+    start = np.repeat(offsets[:-1] - lo, np.diff(offsets))
+    before = np.where(start > 0, sums[start - 1], 0)
+    out[lo:hi] = ((sums - before) % 2**16).astype(np.uint16)
+    return out
+
+
+LeafFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (leaf values, innermost list offsets) -> values
+
+
+def _map_leaves(array: pa.Array, fn: LeafFn, target: pa.DataType) -> pa.Array:
     """``array`` (a list, or list of lists) as ``target`` with ``fn`` applied to its leaf values; offsets
     and nulls kept."""
-    if not pa.types.is_list(array.type):
-        return pa.array(fn(array.to_numpy(zero_copy_only=False)), type=target)
-    values = _map_leaves(array.values, fn, target.value_type)
+    if pa.types.is_list(array.type.value_type):
+        values = _map_leaves(array.values, fn, target.value_type)
+    else:
+        leaf = array.values.to_numpy(zero_copy_only=False)
+        values = pa.array(fn(leaf, array.offsets.to_numpy()), type=target.value_type)
     mask = array.is_null() if array.null_count else None
     # array.offsets already accounts for a sliced array's offset into the (unsliced) values.
     return pa.ListArray.from_arrays(array.offsets, values, type=target, mask=mask)
 
 
 def _transcode(
-    data: pa.Table | pa.RecordBatch, schema: pa.Schema, fn: Callable[[np.ndarray], np.ndarray]
+    data: pa.Table | pa.RecordBatch, schema: pa.Schema, fns: dict[str, LeafFn]
 ) -> pa.Table | pa.RecordBatch:
     columns = []
     for name in data.schema.names:
         column = data.column(name)
         if name in LOGPROB_COLUMNS:
+            fn = fns[name]
             target = schema.field(name).type
             if isinstance(column, pa.ChunkedArray):
                 column = pa.chunked_array([_map_leaves(c, fn, target) for c in column.chunks], target)
@@ -400,18 +436,20 @@ def encode_table(table: pa.Table, encoding: dict[str, Any] | None) -> pa.Table:
     """A float32 store table as stored under ``encoding`` (unchanged when None)."""
     if encoding is None:
         return table
-    return _transcode(
-        table, _logprob_schema(table, pa.uint16()), lambda v: encode_logprobs(v, encoding["scale"])
-    )
+    scale = encoding["scale"]
+    fns: dict[str, LeafFn] = {name: lambda v, _: encode_logprobs(v, scale) for name in LOGPROB_COLUMNS}
+    fns["teacher_topk_logprobs"] = lambda v, offsets: _delta_encode(encode_logprobs(v, scale), offsets)
+    return _transcode(table, _logprob_schema(table, pa.uint16()), fns)
 
 
 def decode_batch(data: pa.RecordBatch | pa.Table, encoding: dict[str, Any] | None):
     """Shard data as read from disk -> float32 log-probs (unchanged when ``encoding`` is None)."""
     if encoding is None:
         return data
-    return _transcode(
-        data, _logprob_schema(data, pa.float32()), lambda c: decode_logprobs(c, encoding["scale"])
-    )
+    scale = encoding["scale"]
+    fns: dict[str, LeafFn] = {name: lambda c, _: decode_logprobs(c, scale) for name in LOGPROB_COLUMNS}
+    fns["teacher_topk_logprobs"] = lambda c, offsets: decode_logprobs(_delta_decode(c, offsets), scale)
+    return _transcode(data, _logprob_schema(data, pa.float32()), fns)
 
 
 def count_clamped(table: pa.Table, encoding: dict[str, Any] | None) -> int:

@@ -65,6 +65,13 @@ def test_codec_matches_a_naive_encode_decode_and_keeps_the_stated_bound():
     assert error.max() > 0.9 * encoding["max_abs_error"]  # the bound is tight, not loose
     below = np.array([-32.0, -40.0, -1e4], dtype=np.float32)
     assert (fmt.decode_logprobs(fmt.encode_logprobs(below)) == np.float32(encoding["min_logprob"])).all()
+    # The top-k difference transform inverts exactly, also across empty lists, unsorted ranks and
+    # wrap-around (a later rank more likely than the one before it).
+    codes = np.array([5, 9, 2, 65535, 0, 7, 7, 1], dtype=np.uint16)
+    offsets = np.array([0, 3, 3, 5, 8])
+    deltas = fmt._delta_encode(codes, offsets)
+    assert deltas.tolist() == [5, 4, (2 - 9) % 2**16, 65535, 1, 7, 0, (1 - 7) % 2**16]
+    np.testing.assert_array_equal(fmt._delta_decode(deltas, offsets), codes)
     table = pa.table({"teacher_logprobs": pa.array([[-1.0, -33.0], [-50.0]], pa.list_(pa.float32()))})
     assert fmt.count_clamped(table, encoding) == 2
 
@@ -118,6 +125,13 @@ def test_compact_store_verifies_and_reads_back_within_the_bound(tmp_path):
             assert np.abs(decoded - exact).max() <= 1 / 4096
         else:
             assert after.column(name).equals(before.column(name)), name
+    # On disk, each position's top-k codes are rank 1's code, then differences from the previous rank.
+    raw = _leaves(pq.read_table(dst / fmt.shard_file(0)).column("teacher_topk_logprobs")).reshape(-1, 2)
+    first_part = _leaves(pq.read_table(src / fmt.shard_file(0)).column("teacher_topk_logprobs")).reshape(
+        -1, 2
+    )
+    codes = np.array([[round(-float(x) * 2048) for x in position] for position in first_part])
+    assert (raw[:, 0] == codes[:, 0]).all() and (raw[:, 1] == (codes[:, 1] - codes[:, 0]) % 2**16).all()
     row = next(open_store(dst).iter_rows())
     assert row["teacher_topk_logprobs"].dtype == np.float32 and row["teacher_topk_logprobs"].shape[1] == 2
 
