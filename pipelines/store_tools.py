@@ -12,6 +12,7 @@
                       [--min-reward R] [--drop-truncated] [--drop-repetitive] [--drop-empty]
                                                 a NEW store of the rollouts that pass (lineage in the manifest)
     lopd store merge A B [C ...] --out DST      one NEW store from compatible scored stores
+    lopd store compact SRC --out DST           a NEW store with 16-bit log-probs (format 1.2; error in the manifest)
     lopd store export SRC --to hf|parquet DST   a Hugging Face datasets dir, or plain Parquet + manifest + README
     lopd store diff A B [--all] [--json]        what differs between two stores' manifests
     lopd store list [--cache DIR] [--json]      the store index (content id -> path); `register DIR` adds one
@@ -99,6 +100,14 @@ class FilterConfig:
 @dataclass
 class MergeConfig:
     stores: list[str] = _arg("source store directories (at least two)", nargs="+")
+    out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
+    cache: str | None = _opt(CACHE_HELP)
+    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
+
+
+@dataclass
+class CompactConfig:
+    store: str = _arg("source store directory")
     out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
     cache: str | None = _opt(CACHE_HELP)
     allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
@@ -215,10 +224,18 @@ def run_merge(config: MergeConfig) -> int:
     return 0
 
 
+def run_compact(config: CompactConfig) -> int:
+    with exclusive_output(config.out, _busy(config.out)):
+        tools.compact_store(
+            config.store, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+        )
+    return 0
+
+
 def _busy(out: str) -> str:
     # Two derivations into one output at once: the second is refused instead of racing the first.
     return (
-        f"another `lopd store` filter or merge is writing {out} right now; wait for it to finish, "
+        f"another `lopd store` filter, merge or compact is writing {out} right now; wait for it to finish, "
         "or choose another --out"
     )
 
@@ -277,6 +294,7 @@ COMMANDS = {
     "finalize": (FinalizeConfig, run_finalize, "commit all workers' parts into the manifest"),
     "filter": (FilterConfig, run_filter, "write a new store of the rollouts that pass a filter"),
     "merge": (MergeConfig, run_merge, "write a new store from several compatible scored stores"),
+    "compact": (CompactConfig, run_compact, "write a new store with 16-bit log-probs (smaller)"),
     "export": (ExportConfig, run_export, "export a store for other tools"),
     "diff": (DiffConfig, run_diff, "what differs between two stores' manifests"),
     "list": (ListConfig, run_list, "stores in the index (content id -> path)"),

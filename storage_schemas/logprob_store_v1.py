@@ -33,8 +33,9 @@ from lightning_opd.config import from_dict, to_dict
 from lightning_opd.errors import StoreError, StoreVersionError
 
 FORMAT_NAME = "lightning-opd-logprob-store"
-FORMAT_VERSION = "1.1"  # major.minor: a new major breaks readers, a new minor only adds
+FORMAT_VERSION = "1.2"  # major.minor: a new major breaks readers, a new minor only adds
 # 1.1 added the optional sampling_logprobs column (1.0 stores lack it and stay readable).
+# 1.2 added the optional compact log-prob encoding (manifest ``encoding``; 1.0/1.1 stores have none).
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
@@ -138,10 +139,17 @@ def store_schema(
     with_reward: bool = False,
     with_text: bool = False,
     with_sampling: bool = False,
+    encoding: dict[str, Any] | None = None,
 ) -> pa.Schema:
-    """The exact Arrow schema of a store's shards for the given options (column order is fixed)."""
+    """The exact Arrow schema of a store's shards for the given options (column order is fixed).
+
+    ``encoding`` (a manifest ``encoding`` section, format 1.2+) gives the on-disk schema of a compact
+    store: its log-prob columns hold uint16 codes (``decode_logprobs``); None gives float32 log-probs,
+    which is also what every reader hands out.
+    """
     if kind not in KINDS:
         raise StoreError(f"store kind must be one of {KINDS}, got {kind!r}")
+    logprob = pa.float32() if encoding is None else pa.uint16()
     if topk is not None and (not isinstance(topk, int) or topk < 1):
         raise StoreError(f"top-k must be a positive int or None, got {topk!r}")
     fields = [
@@ -149,9 +157,9 @@ def store_schema(
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("prompt_ids", _list_of(pa.int32()), nullable=False),
         pa.field("response_ids", _list_of(pa.int32()), nullable=False),
-        pa.field("behavior_logprobs", _list_of(pa.float32()), nullable=False),
-        *([pa.field(SAMPLING_COLUMN, _list_of(pa.float32()), nullable=False)] if with_sampling else []),
-        pa.field("teacher_logprobs", _list_of(pa.float32()), nullable=kind == KIND_ROLLOUTS),
+        pa.field("behavior_logprobs", _list_of(logprob), nullable=False),
+        *([pa.field(SAMPLING_COLUMN, _list_of(logprob), nullable=False)] if with_sampling else []),
+        pa.field("teacher_logprobs", _list_of(logprob), nullable=kind == KIND_ROLLOUTS),
         pa.field("finish_reason", pa.string(), nullable=False),
     ]
     if topk is not None:
@@ -159,9 +167,7 @@ def store_schema(
             pa.field("teacher_topk_ids", _list_of(_list_of(pa.int32())), nullable=kind == KIND_ROLLOUTS)
         )
         fields.append(
-            pa.field(
-                "teacher_topk_logprobs", _list_of(_list_of(pa.float32())), nullable=kind == KIND_ROLLOUTS
-            )
+            pa.field("teacher_topk_logprobs", _list_of(_list_of(logprob)), nullable=kind == KIND_ROLLOUTS)
         )
     if with_reward:
         fields.append(pa.field(REWARD_COLUMN, pa.float32(), nullable=True))
@@ -195,6 +201,13 @@ def describe_format() -> str:
         f"string columns, BYTE_STREAM_SPLIT on numeric list leaves, row groups of about "
         f"{ROW_GROUP_TARGET_BYTES // 2**20} MiB decoded (at most {ROW_GROUP_MAX_ROWS} rows). Footer key-value "
         f"metadata: {', '.join(k.decode() for k in (META_FORMAT, META_FORMAT_VERSION, META_STORE_UUID, META_PART))}.",
+        "",
+        "Compact stores (format 1.2+, opt-in: `lopd precompute --compact-logprobs`, `lopd store compact`): the "
+        f"log-prob columns ({', '.join(f'`{c}`' for c in LOGPROB_COLUMNS)}) hold `uint16` codes instead of "
+        "`float32`, decoded as value = -code / scale nats. The manifest's `encoding` section states it: "
+        f"`{json.dumps(fixed16_encoding())}`. Outside [min_logprob, 0] a value is clamped (the error bound "
+        "holds only inside the range). Readers decode transparently; a store is compact or not as a whole. "
+        "`encoding` joins the store's identity only when set, so older stores keep their ids.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -285,6 +298,176 @@ def commit_file(part: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Compact log-prob encoding (format 1.2+, opt-in: `lopd precompute --compact-logprobs`, `lopd store compact`)
+# ---------------------------------------------------------------------------------------------
+#
+# A compact store keeps every log-prob column as unsigned 16-bit fixed point: code = round(-x * scale),
+# decoded value = -code / scale nats. With scale 2048 the codes cover [-65535/2048, 0] = [-31.9995, 0]
+# with an absolute error of at most 1/4096 = 2.44e-4 nats (decoding is exact in float32: a 16-bit
+# integer over a power of two). Below the range a value is clamped to -31.9995 (a teacher probability
+# under 1.3e-14: its exact size no longer changes a clipped update much, but the clamped error is not
+# bounded; `lopd store compact` reports how many values it clamped). Values in (0, LOGPROB_TOLERANCE]
+# become 0. Readers decode transparently (``decode_batch``), so stage two and every tool see float32.
+# The manifest's ``encoding`` section states codec, scale, range and maximum error; a store is compact
+# or not as a whole (the writer refuses to mix, verify checks every shard's schema).
+# Top-k log-probs come sorted (rank 1 first), so neighbouring codes are close: each position's codes
+# are stored as rank 1's code, then differences from the previous rank (mod 2^16, lossless whatever
+# the order). On Gemma-3-270M's top-20 this takes them from 38.7 to 29.5 bytes per response token.
+
+LOGPROB_COLUMNS = ("behavior_logprobs", SAMPLING_COLUMN, "teacher_logprobs", "teacher_topk_logprobs")
+ENCODING_FIXED16 = "fixed16"
+FIXED16_SCALE = 2048
+FIXED16_MAX_CODE = 2**16 - 1
+
+
+def fixed16_encoding(scale: int = FIXED16_SCALE) -> dict[str, Any]:
+    """The manifest ``encoding`` section of a compact store."""
+    return {
+        "logprobs": ENCODING_FIXED16,
+        "scale": scale,
+        "min_logprob": -FIXED16_MAX_CODE / scale,
+        "max_abs_error": 0.5 / scale,
+        "below_min": "clamped to min_logprob",
+        "teacher_topk_logprobs": "per position: rank 1's code, then differences from the previous rank mod 2^16",
+    }
+
+
+def encoding_problems(encoding: Any) -> list[str]:
+    """What is wrong with a manifest ``encoding`` section (None = plain float32 log-probs)."""
+    if encoding is None:
+        return []
+    if not isinstance(encoding, dict) or encoding.get("logprobs") != ENCODING_FIXED16:
+        return [
+            f"encoding must be None or {{logprobs: {ENCODING_FIXED16!r}, scale: ...}}, got {encoding!r:.80}; "
+            "a newer lightning-opd may know it (pip install -U lightning-opd)"
+        ]
+    scale = encoding.get("scale")
+    if not (_is_int(scale) and scale >= 1 and scale & (scale - 1) == 0):
+        return [f"encoding.scale must be a power of two (decoding is then exact), got {scale!r}"]
+    if encoding != fixed16_encoding(scale):
+        return [f"encoding {encoding} does not match its scale's {fixed16_encoding(scale)} (edited by hand?)"]
+    return []
+
+
+def encode_logprobs(values: np.ndarray, scale: int = FIXED16_SCALE) -> np.ndarray:
+    """float log-probs -> uint16 codes (clamped to [min_logprob, 0]); values must be finite."""
+    codes = np.rint(-np.asarray(values, dtype=np.float64) * scale)
+    return np.clip(codes, 0, FIXED16_MAX_CODE).astype(np.uint16)
+
+
+def decode_logprobs(codes: np.ndarray, scale: int = FIXED16_SCALE) -> np.ndarray:
+    """uint16 codes -> float32 log-probs (exact: -code / scale)."""
+    return (-np.asarray(codes, dtype=np.float32)) / np.float32(scale)
+
+
+def _delta_encode(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Within each list ``offsets[i]:offsets[i+1]`` of ``codes``: the first code, then differences mod 2^16."""
+    out = codes.copy()
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    c = codes[lo:hi].astype(np.int64)
+    d = c.copy()
+    d[1:] -= c[:-1]
+    starts = (offsets[:-1] - lo)[np.diff(offsets) > 0]
+    d[starts] = c[starts]
+    out[lo:hi] = (d % 2**16).astype(np.uint16)
+    return out
+
+
+def _delta_decode(deltas: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Inverse of ``_delta_encode``: a running sum mod 2^16 restarted at each list."""
+    out = deltas.copy()
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return out
+    sums = np.cumsum(deltas[lo:hi].astype(np.int64))
+    start = np.repeat(offsets[:-1] - lo, np.diff(offsets))
+    before = np.where(start > 0, sums[start - 1], 0)
+    out[lo:hi] = ((sums - before) % 2**16).astype(np.uint16)
+    return out
+
+
+LeafFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (leaf values, innermost list offsets) -> values
+
+
+def _map_leaves(array: pa.Array, fn: LeafFn, target: pa.DataType) -> pa.Array:
+    """``array`` (a list, or list of lists) as ``target`` with ``fn`` applied to its leaf values; offsets
+    and nulls kept."""
+    if pa.types.is_list(array.type.value_type):
+        values = _map_leaves(array.values, fn, target.value_type)
+    else:
+        leaf = array.values.to_numpy(zero_copy_only=False)
+        values = pa.array(fn(leaf, array.offsets.to_numpy()), type=target.value_type)
+    mask = array.is_null() if array.null_count else None
+    # array.offsets already accounts for a sliced array's offset into the (unsliced) values.
+    return pa.ListArray.from_arrays(array.offsets, values, type=target, mask=mask)
+
+
+def _transcode(
+    data: pa.Table | pa.RecordBatch, schema: pa.Schema, fns: dict[str, LeafFn]
+) -> pa.Table | pa.RecordBatch:
+    columns = []
+    for name in data.schema.names:
+        column = data.column(name)
+        if name in LOGPROB_COLUMNS:
+            fn = fns[name]
+            target = schema.field(name).type
+            if isinstance(column, pa.ChunkedArray):
+                column = pa.chunked_array([_map_leaves(c, fn, target) for c in column.chunks], target)
+            else:
+                column = _map_leaves(column, fn, target)
+        columns.append(column)
+    target_schema = schema.with_metadata(data.schema.metadata)
+    if isinstance(data, pa.Table):
+        return pa.Table.from_arrays(columns, schema=target_schema)
+    return pa.RecordBatch.from_arrays(columns, schema=target_schema)
+
+
+def _logprob_schema(data: pa.Table | pa.RecordBatch, leaf: pa.DataType) -> pa.Schema:
+    fields = []
+    for f in data.schema:
+        if f.name in LOGPROB_COLUMNS:
+            nested = pa.types.is_list(f.type.value_type)
+            f = pa.field(f.name, _list_of(_list_of(leaf)) if nested else _list_of(leaf), nullable=f.nullable)
+        fields.append(f)
+    return pa.schema(fields)
+
+
+def encode_table(table: pa.Table, encoding: dict[str, Any] | None) -> pa.Table:
+    """A float32 store table as stored under ``encoding`` (unchanged when None)."""
+    if encoding is None:
+        return table
+    scale = encoding["scale"]
+    fns: dict[str, LeafFn] = {name: lambda v, _: encode_logprobs(v, scale) for name in LOGPROB_COLUMNS}
+    fns["teacher_topk_logprobs"] = lambda v, offsets: _delta_encode(encode_logprobs(v, scale), offsets)
+    return _transcode(table, _logprob_schema(table, pa.uint16()), fns)
+
+
+def decode_batch(data: pa.RecordBatch | pa.Table, encoding: dict[str, Any] | None):
+    """Shard data as read from disk -> float32 log-probs (unchanged when ``encoding`` is None)."""
+    if encoding is None:
+        return data
+    scale = encoding["scale"]
+    fns: dict[str, LeafFn] = {name: lambda c, _: decode_logprobs(c, scale) for name in LOGPROB_COLUMNS}
+    fns["teacher_topk_logprobs"] = lambda c, offsets: decode_logprobs(_delta_decode(c, offsets), scale)
+    return _transcode(data, _logprob_schema(data, pa.float32()), fns)
+
+
+def count_clamped(table: pa.Table, encoding: dict[str, Any] | None) -> int:
+    """Log-prob values of a float32 table below the encoding's range (stored as its minimum)."""
+    if encoding is None:
+        return 0
+    low = encoding["min_logprob"] - encoding["max_abs_error"]
+    total = 0
+    for name in LOGPROB_COLUMNS:
+        if name in table.column_names:
+            column = table.column(name)
+            while pa.types.is_list(column.type):
+                column = pc.list_flatten(column)
+            total += int(np.count_nonzero(column.to_numpy() < low))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
 # Versions
 # ---------------------------------------------------------------------------------------------
 
@@ -334,6 +517,7 @@ HEADER_KEYS = (
     "prompt_set",
     "topk",
     "extra",
+    "encoding",  # since 1.2; optional (None: float32 log-probs)
 )
 
 # What the behaviour log-probs are (manifest ``sampling.behavior_logprobs``): both samplers write the
@@ -397,6 +581,9 @@ IDENTITY_FIELDS = (
     "topk.k",
     "topk.tail_treatment",
 )
+# Identity fields that count only when set: a 1.0/1.1 store (no encoding) keeps the id it always had,
+# and a compact store of the same content gets another id (its values differ by up to the stated error).
+OPTIONAL_IDENTITY_FIELDS = ("encoding",)
 
 
 def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
@@ -409,8 +596,10 @@ def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
 
 
 def identity(header: dict[str, Any]) -> dict[str, Any]:
-    """The identity fields of a header, flat and dotted (missing ones are None)."""
-    return {name: _get_dotted(header, name) for name in IDENTITY_FIELDS}
+    """The identity fields of a header, flat and dotted (missing ones are None; optional ones left out)."""
+    fields = {name: _get_dotted(header, name) for name in IDENTITY_FIELDS}
+    fields.update({name: header[name] for name in OPTIONAL_IDENTITY_FIELDS if header.get(name) is not None})
+    return fields
 
 
 def compute_store_id(header: dict[str, Any]) -> str:
@@ -422,7 +611,7 @@ def compute_store_id(header: dict[str, Any]) -> str:
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted names of the identity fields on which two headers differ."""
     ia, ib = identity(a), identity(b)
-    return [name for name in IDENTITY_FIELDS if ia[name] != ib[name]]
+    return [name for name in (*IDENTITY_FIELDS, *OPTIONAL_IDENTITY_FIELDS) if ia.get(name) != ib.get(name)]
 
 
 def _is_int(value: Any) -> bool:
@@ -518,6 +707,7 @@ def header_problems(header: dict[str, Any]) -> list[str]:
     elif not (_is_int(prompt_set.get("num_prompts")) and prompt_set["num_prompts"] >= 0):
         problems.append(f"prompt_set.num_prompts must be an int >= 0, got {prompt_set.get('num_prompts')!r}")
     problems += _topk_problems(kind, header.get("topk"))
+    problems += encoding_problems(header.get("encoding"))
     if header.get("extra") is not None and not isinstance(header.get("extra"), dict):
         problems.append(f"header extra must be a dict, got {header.get('extra')!r}")
     try:
@@ -545,7 +735,7 @@ MANIFEST_FIELD_TYPES: dict[str, tuple[Any, ...]] = {
     "store_uuid": (_STR,), "store_id": (_STR,), "kind": (_STR,), "student": (_DICT,), "sampling": (_DICT,),
     "horizon": (_INT,), "prompt_set": (_DICT,), "num_parts": (_INT,), "teacher": (_DICT, _NONE),
     "teacher_consistency": (_DICT, _NONE), "topk": (_DICT, _NONE), "columns": (_LIST,), "shards": (_LIST,),
-    "stats": (_DICT, _NONE), "lineage": (_LIST,), "extra": (_DICT, _NONE),
+    "stats": (_DICT, _NONE), "lineage": (_LIST,), "extra": (_DICT, _NONE), "encoding": (_DICT, _NONE),
 }  # fmt: skip
 SHARD_FIELD_TYPES: dict[str, tuple[Any, ...]] = {
     "file": (_STR,), "part": (_INT,), "rows": (_INT,), "tokens": (_INT,), "bytes": (_INT,), "sha256": (_STR,),
@@ -644,6 +834,8 @@ class Manifest:
     stats: StoreStats = field(default_factory=StoreStats)
     lineage: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Since 1.2: how the log-prob columns are stored (None: float32; see ``fixed16_encoding``).
+    encoding: dict[str, Any] | None = None
 
     # -- conversions ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -690,6 +882,11 @@ class Manifest:
         return self.topk.get("k") if isinstance(self.topk, dict) else None
 
     def schema(self) -> pa.Schema:
+        """The shards' schema on disk (uint16 log-prob codes in a compact store)."""
+        return store_schema(self.kind, **schema_options(self.columns, self.topk_k), encoding=self.encoding)
+
+    def read_schema(self) -> pa.Schema:
+        """The schema readers hand out: float32 log-probs whatever the encoding."""
         return store_schema(self.kind, **schema_options(self.columns, self.topk_k))
 
     # -- validation -------------------------------------------------------------------------
@@ -797,6 +994,8 @@ MERGE_MUST_MATCH: tuple[tuple[str, Callable[[Manifest], Any]], ...] = (
     ("sampling.top_p", lambda m: m.sampling.get("top_p")),
     ("horizon", lambda m: m.horizon),
     ("columns", lambda m: list(m.columns)),
+    # Parts of one store share one encoding: convert with `lopd store compact` first.
+    ("encoding", lambda m: m.encoding),
 )
 
 

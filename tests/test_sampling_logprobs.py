@@ -26,7 +26,7 @@ COLUMN = fmt.SAMPLING_COLUMN
 
 
 def test_format_declares_the_column_and_its_meaning():
-    assert fmt.FORMAT_VERSION == "1.1"
+    assert fmt.parse_version(fmt.FORMAT_VERSION) >= (1, 1)
     schema = fmt.store_schema("scored", with_sampling=True)
     assert schema.names.index(COLUMN) == schema.names.index("behavior_logprobs") + 1
     assert schema.field(COLUMN).type == schema.field("behavior_logprobs").type  # list<float32>, non-null
@@ -61,7 +61,7 @@ def test_store_with_the_column_verifies_and_round_trips_through_filter_and_merge
     header = make_header(topk=2)
     header["sampling"]["seed"] = 1
     b = write_store(tmp_path / "b", num_parts=2, topk=2, with_sampling=True, with_reward=True, header=header)
-    assert verify_store(a).ok and open_store(a).manifest.format_version == "1.1"
+    assert verify_store(a).ok and open_store(a).manifest.format_version == fmt.FORMAT_VERSION
     assert COLUMN in open_store(a).columns
     source = read_table(a).to_pylist()
 

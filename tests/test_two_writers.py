@@ -136,7 +136,7 @@ def test_merge_into_an_output_another_writer_holds_is_refused(tmp_path, sources,
     a, b, _ = sources
     with exclusive_output(out, "held by the test"):
         assert main(["store", "merge", str(a), str(b), "--out", str(out)]) == 2
-    assert "another `lopd store` filter or merge is writing" in capsys.readouterr().err
+    assert "another `lopd store` filter, merge or compact is writing" in capsys.readouterr().err
     assert not any(out.iterdir())
 
 

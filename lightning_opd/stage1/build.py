@@ -38,6 +38,7 @@ from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     SAMPLING_COLUMN,
     compute_store_id,
+    fixed16_encoding,
     prompt_set_section,
     sampling_section,
 )
@@ -240,6 +241,8 @@ def run_scoring(config, log=print) -> Path:
         "teacher_consistency": consistency,
         "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
         "extra": {**(rollout_header.get("extra") or {}), "scoring_backend": config.scoring_backend},
+        # The rollouts store stays float32; only the final store is compact (readers decode it).
+        "encoding": fixed16_encoding() if config.compact_logprobs else None,
     }
     if not config.allow_duplicate:
         # Content addressing: the same teacher, student, prompts and sampling make the same store. Reuse it.

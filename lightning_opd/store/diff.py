@@ -13,7 +13,7 @@ from storage_schemas import logprob_store_v1 as fmt
 # Sections in display order; shards and store_uuid always differ and say nothing about content.
 DIFF_SECTIONS = (
     "format", "format_version", "writer_version", "created_at", "store_id", "kind", "teacher", "student",
-    "teacher_consistency", "sampling", "horizon", "prompt_set", "topk", "columns", "num_parts", "stats", "extra",
+    "teacher_consistency", "sampling", "horizon", "prompt_set", "topk", "encoding", "columns", "num_parts", "stats", "extra",
 )  # fmt: skip
 
 
@@ -50,7 +50,10 @@ def diff_manifests(a: fmt.Manifest, b: fmt.Manifest) -> list[DiffRow]:
     fa, fb = _flat_manifest(a), _flat_manifest(b)
     names = list(fa) + [n for n in fb if n not in fa]
     identity = set(fmt.IDENTITY_FIELDS)
-    return [DiffRow(n, fa.get(n), fb.get(n), identity=n in identity) for n in names]
+    optional = set(fmt.OPTIONAL_IDENTITY_FIELDS)  # part of the id when set (e.g. encoding.scale)
+    return [
+        DiffRow(n, fa.get(n), fb.get(n), identity=n in identity or n.split(".")[0] in optional) for n in names
+    ]
 
 
 def diff_stores(a: str | Path, b: str | Path) -> list[DiffRow]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightning_opd.config import write_json_atomic
+from lightning_opd.errors import StoreError
 from lightning_opd.store.derive import (
     Log,
     check_output_dir,
@@ -41,6 +42,12 @@ def export_hf(src: str | Path, dst: str | Path, *, log: Log = print) -> Path:
     record batch whatever the store's size.
     """
     store = open_store(src)
+    if store.manifest.encoding is not None:
+        # datasets reads the shards as they are: it would hand out the uint16 codes as log-probs.
+        raise StoreError(
+            f"{src} is a compact store (log-probs stored as 16-bit codes); export it with `--to parquet` "
+            "(which decodes them to float32) and load those files with datasets"
+        )
     dst = Path(dst)
     check_output_dir(dst, [src])
     _check_all_shards(store)
@@ -91,7 +98,7 @@ def export_readme(manifest: fmt.Manifest, files: list[str]) -> str:
         "| column | type | description |",
         "|---|---|---|",
     ]
-    for f in manifest.schema():
+    for f in manifest.read_schema():
         lines.append(f"| `{f.name}` | `{f.type}` | {fmt.COLUMN_DESCRIPTIONS[f.name]} |")
     return "\n".join(lines) + "\n"
 
@@ -107,10 +114,11 @@ def export_parquet(src: str | Path, dst: str | Path, *, log: Log = print) -> Pat
         final = dst / shard.name
         tmp = dst / f".{shard.name}.tmp-{os.getpid()}"
         with read_checked_shard(store, index) as pf:
-            schema = pf.schema_arrow
+            # Plain float32 log-probs, whatever the store's encoding: the export is for other readers.
+            schema = store.schema.with_metadata(pf.schema_arrow.metadata)
             with pq.ParquetWriter(tmp, schema, **_portable_options(schema)) as writer:
                 for group in range(pf.metadata.num_row_groups):  # one row group in memory at a time
-                    writer.write_table(pf.read_row_group(group))
+                    writer.write_table(fmt.decode_batch(pf.read_row_group(group), store.manifest.encoding))
         os.replace(tmp, final)
         files.append(final.name)
     write_json_atomic(dst / EXPORT_MANIFEST, store.manifest.to_dict())

@@ -94,16 +94,17 @@ def filter_header(manifest: fmt.Manifest, spec: FilterSpec, lineage_entry: dict[
 
 
 def _filter_shard(
-    pf: pq.ParquetFile, row_filter: RowFilter, schema: pa.Schema
+    pf: pq.ParquetFile, row_filter: RowFilter, store: LogprobStore
 ) -> tuple[pa.Table, dict[str, int]]:
     kept, dropped = [], dict.fromkeys(DROP_REASONS, 0)
     for batch in pf.iter_batches(batch_size=BATCH_SIZE):
+        # The writer takes float32 log-probs and re-encodes them under the header's (= source's) encoding.
+        batch = fmt.decode_batch(batch, store.manifest.encoding)
         mask, counts = row_filter.mask(batch)
         for reason, count in counts.items():
             dropped[reason] += count
         kept.append(batch.filter(pa.array(mask)))
-    table = pa.Table.from_batches(kept, schema=pf.schema_arrow) if kept else schema.empty_table()
-    return table, dropped
+    return (pa.Table.from_batches(kept) if kept else store.schema.empty_table()), dropped
 
 
 def filter_store(
@@ -139,7 +140,7 @@ def filter_store(
         if index in done:
             continue
         with read_checked_shard(store, index) as pf:
-            table, counts = _filter_shard(pf, row_filter, store.schema)
+            table, counts = _filter_shard(pf, row_filter, store)
         writer.write_part(index, table)
         dropped = {reason: dropped[reason] + counts[reason] for reason in DROP_REASONS}
     manifest = writer.finalize(wait_s=0)

@@ -127,7 +127,7 @@ def merge_stores(
             if part in done:
                 continue
             with read_checked_shard(store, index) as pf:
-                table = pf.read()
+                table = fmt.decode_batch(pf.read(), store.manifest.encoding)  # the writer re-encodes
             writer.write_part(part, _shift_sample_index(table, record["sample_index_offset"]))
     manifest = writer.finalize(wait_s=0)
     log(

@@ -69,7 +69,7 @@ class LogprobStore:
     def __init__(self, root: str | Path, manifest: fmt.Manifest) -> None:
         self.root = Path(root)
         self.manifest = manifest
-        self.schema = manifest.schema()
+        self.schema = manifest.read_schema()  # float32 log-probs, whatever the encoding on disk
         self.shard_paths = [self.root / s.file for s in sorted(manifest.shards, key=lambda s: s.part)]
 
     def __repr__(self) -> str:
@@ -150,12 +150,13 @@ class LogprobStore:
                 yield from self._checked(index, batches)
 
     def _checked(self, index: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        """``batches``, with a damaged shard turned into a StoreError: pyarrow failing mid-file, or decoding
-        a batch that is not valid Arrow (bad offsets, strings that are not UTF-8) without noticing."""
+        """``batches`` decoded to float32 log-probs, with a damaged shard turned into a StoreError: pyarrow
+        failing mid-file, or decoding a batch that is not valid Arrow (bad offsets, strings that are not
+        UTF-8) without noticing."""
         try:
             for batch in batches:
                 batch.validate(full=True)
-                yield batch
+                yield fmt.decode_batch(batch, self.manifest.encoding)
         except (OSError, pa.ArrowException) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StoreError(
@@ -187,10 +188,11 @@ def read_part(
     root = Path(root)
     if (root / fmt.MANIFEST_FILE).exists():
         manifest = load_manifest(root)
-        store_uuid = manifest.store_uuid
+        store_uuid, encoding = manifest.store_uuid, manifest.encoding
         record = next((to_dict(s) for s in manifest.shards if s.part == part), None)
     else:
-        store_uuid = read_saved_header(root)["store_uuid"]
+        saved = read_saved_header(root)
+        store_uuid, encoding = saved["store_uuid"], saved["header"].get("encoding")
         try:
             record = json.loads((root / fmt.commit_file(part)).read_text())
         except (OSError, ValueError):
@@ -209,7 +211,7 @@ def read_part(
     if _shard_uuid(pq.read_schema(path).metadata) != store_uuid:
         raise StoreError(f"{path} belongs to another store; rerun the worker that owns part {part}")
     try:
-        return pq.read_table(path, columns=columns)
+        return fmt.decode_batch(pq.read_table(path, columns=columns), encoding)
     except (OSError, pa.ArrowException) as e:
         raise StoreError(f"cannot read {path} ({e}); rerun the worker that owns part {part}") from None
 

@@ -70,6 +70,13 @@ def summarize_store(store: LogprobStore | str | Path, *, out: TextIO | None = No
         "bytes": total_bytes,
         "bytes_per_token": total_bytes / tokens if tokens else None,
         "topk": m.topk,
+        # Compact stores (format 1.2+) say how log-probs are stored and the largest error that costs.
+        "logprob_encoding": (
+            f"{m.encoding['logprobs']} (max error {m.encoding['max_abs_error']:.3g} nats on "
+            f"[{m.encoding['min_logprob']:.4f}, 0])"
+            if m.encoding
+            else "float32"
+        ),
         "columns": m.columns,
     }
     if out is not None:

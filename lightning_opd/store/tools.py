@@ -2,6 +2,7 @@
 
 - ``filter``: a new store of the rollouts that pass a row filter;
 - ``merge``: one new store from compatible scored stores;
+- ``compact``: a new store with 16-bit log-probs (format 1.2);
 - ``export``: a Hugging Face datasets directory, or plain Parquet + manifest + README;
 - ``diff``: what differs between two stores' manifests;
 - ``histogram``: token-level distributions (notebooks, ``lopd store plot``);
@@ -12,6 +13,7 @@ The rules for derived stores' identity, lineage and merging are part of the form
 names for ``from lightning_opd.store import tools``.
 """
 
+from lightning_opd.store.compact import compact_header, compact_store
 from lightning_opd.store.derive import (
     check_output_dir,
     derived_content_hash,
@@ -43,6 +45,8 @@ __all__ = [
     "FilterSpec",
     "Histogram",
     "check_output_dir",
+    "compact_header",
+    "compact_store",
     "derived_content_hash",
     "diff_manifests",
     "diff_stores",

@@ -114,6 +114,7 @@ def _check_rows(
     problems: list[str] = []
     rows = tokens = empty = 0
     for batch in pf.iter_batches(batch_size=DEFAULT_BATCH_SIZE):
+        batch = fmt.decode_batch(batch, manifest.encoding)  # the invariants are about log-prob values
         rows += batch.num_rows
         lengths = fmt.list_lengths(batch.column("response_ids"))
         tokens += int(lengths.sum())

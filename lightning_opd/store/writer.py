@@ -159,10 +159,20 @@ class StoreWriter:
         self.kind: str = header["kind"]
         self.num_parts = num_parts
         self.topk = topk
-        self.schema = fmt.store_schema(
-            self.kind, topk=topk, with_reward=with_reward, with_text=with_text, with_sampling=with_sampling
-        )
-        self._options = {"num_parts": num_parts, "columns": self.schema.names}
+        options = {
+            "topk": topk,
+            "with_reward": with_reward,
+            "with_text": with_text,
+            "with_sampling": with_sampling,
+        }
+        # Callers hand in float32 log-probs (self.schema); a compact store (header "encoding") stores
+        # them as codes (self.disk_schema), encoded just before the shard is written.
+        self.encoding: dict[str, Any] | None = header.get("encoding")
+        self.schema = fmt.store_schema(self.kind, **options)
+        self.disk_schema = fmt.store_schema(self.kind, **options, encoding=self.encoding)
+        # A store is compact or not as a whole: a writer with another encoding is refused like one
+        # with other columns (a header.json of a 1.0/1.1 store has no "encoding": None matches it).
+        self._options = {"num_parts": num_parts, "columns": self.schema.names, "encoding": self.encoding}
         self._refuse_foreign_directory()
         for sub in (fmt.DATA_DIR, fmt.COMMITS_DIR, fmt.LOCKS_DIR):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -211,7 +221,9 @@ class StoreWriter:
 
     def _compare(self, saved: dict[str, Any], header: dict[str, Any]) -> None:
         differing = fmt.identity_differences(saved.get("header") or {}, header)
-        differing += [key for key, value in self._options.items() if saved.get(key) != value]
+        differing += [
+            key for key, value in self._options.items() if saved.get(key) != value and key not in differing
+        ]
         if differing:
             raise StoreError(
                 f"{self.root} already holds a different store (differs in {differing}); use a new output "
@@ -333,12 +345,13 @@ class StoreWriter:
         for stale in final.parent.glob(f".{final.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a writer that was killed; we hold the part lock
         tmp = self.root / fmt.TEMP_SHARD_TEMPLATE.format(part=part, pid=os.getpid())
-        schema = self.schema.with_metadata(fmt.shard_metadata(self.store_uuid, part))
+        schema = self.disk_schema.with_metadata(fmt.shard_metadata(self.store_uuid, part))
+        stored = fmt.encode_table(table, self.encoding)
         try:
             with open(tmp, "wb") as f:
                 with pq.ParquetWriter(f, schema, **fmt.parquet_writer_options(schema)) as writer:
                     writer.write_table(
-                        table.replace_schema_metadata(schema.metadata), fmt.row_group_rows(table)
+                        stored.replace_schema_metadata(schema.metadata), fmt.row_group_rows(table)
                     )
                 f.flush()
                 os.fsync(f.fileno())
@@ -439,4 +452,5 @@ class StoreWriter:
             stats=aggregate_stats([m["stats"] for m in markers]),
             lineage=[],
             extra=h.get("extra") or {},
+            encoding=h.get("encoding"),
         )

@@ -1,0 +1,242 @@
+"""The opt-in compact log-prob encoding (format 1.2): 16-bit fixed point, decoded transparently.
+
+The codec is pinned against a naive per-value encode/decode; stores are checked end to end: a
+compact store verifies, reads back within the stated error, goes through filter/merge/export,
+refuses to be mixed with float32 parts, is written by `lopd precompute --compact-logprobs` and
+trains; stores of older minors (no encoding) keep their ids and read as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from conftest import precompute_config
+from test_store_common import make_header, make_rows, read_table, rewrite_shard, write_store
+
+from lightning_opd.errors import StoreError
+from lightning_opd.store import StoreWriter, open_store, tools
+from lightning_opd.store.summary import summarize_store
+from lightning_opd.store.verify import verify_store
+from pipelines import precompute, train
+from storage_schemas import logprob_store_v1 as fmt
+
+QUIET = {"log": lambda *_: None}
+
+
+def _naive_encode_decode(x: float, scale: int) -> float:
+    code = round(-float(x) * scale)  # both round halves to even, like np.rint
+    code = min(max(code, 0), 2**16 - 1)
+    return -code / scale
+
+
+def _leaves(column) -> np.ndarray:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while pa.types.is_list(column.type):
+        column = pc.list_flatten(column)
+    return column.to_numpy()
+
+
+def test_codec_matches_a_naive_encode_decode_and_keeps_the_stated_bound():
+    encoding = fmt.fixed16_encoding()
+    assert encoding["scale"] == 2048 and encoding["max_abs_error"] == 1 / 4096
+    assert encoding["min_logprob"] == -65535 / 2048
+    rng = np.random.default_rng(0)
+    inside = np.concatenate(
+        [
+            -rng.exponential(2.0, 20000),  # most log-probs sit near 0
+            -rng.uniform(0, 31.99, 20000),
+            [0.0, -0.0, 5e-5, 1e-4, -1 / 4096, -3 / 4096, encoding["min_logprob"], -31.9997],
+        ]
+    ).astype(np.float32)
+    inside = inside[inside >= -31.9997]
+    decoded = fmt.decode_logprobs(fmt.encode_logprobs(inside))
+    assert decoded.dtype == np.float32
+    naive = np.array([_naive_encode_decode(x, 2048) for x in inside], dtype=np.float32)
+    np.testing.assert_array_equal(decoded, naive)
+    error = np.abs(decoded.astype(np.float64) - inside.astype(np.float64))
+    assert error.max() <= encoding["max_abs_error"] + 1e-12
+    assert error.max() > 0.9 * encoding["max_abs_error"]  # the bound is tight, not loose
+    below = np.array([-32.0, -40.0, -1e4], dtype=np.float32)
+    assert (fmt.decode_logprobs(fmt.encode_logprobs(below)) == np.float32(encoding["min_logprob"])).all()
+    # The top-k difference transform inverts exactly, also across empty lists, unsorted ranks and
+    # wrap-around (a later rank more likely than the one before it).
+    codes = np.array([5, 9, 2, 65535, 0, 7, 7, 1], dtype=np.uint16)
+    offsets = np.array([0, 3, 3, 5, 8])
+    deltas = fmt._delta_encode(codes, offsets)
+    assert deltas.tolist() == [5, 4, (2 - 9) % 2**16, 65535, 1, 7, 0, (1 - 7) % 2**16]
+    np.testing.assert_array_equal(fmt._delta_decode(deltas, offsets), codes)
+    table = pa.table({"teacher_logprobs": pa.array([[-1.0, -33.0], [-50.0]], pa.list_(pa.float32()))})
+    assert fmt.count_clamped(table, encoding) == 2
+
+
+def test_encoding_section_is_validated():
+    assert fmt.encoding_problems(None) == []
+    assert fmt.encoding_problems(fmt.fixed16_encoding()) == []
+    assert fmt.encoding_problems(fmt.fixed16_encoding(1024)) == []
+    assert "power of two" in fmt.encoding_problems({**fmt.fixed16_encoding(), "scale": 1000})[0]
+    assert "pip install -U lightning-opd" in fmt.encoding_problems({"logprobs": "float8"})[0]
+    edited = {**fmt.fixed16_encoding(), "max_abs_error": 1e-9}
+    assert "edited by hand" in fmt.encoding_problems(edited)[0]
+
+
+def test_a_header_without_encoding_keeps_its_store_id():
+    # The id of a 1.0/1.1 header: sha256 of its identity fields only (what those versions computed).
+    header = make_header(topk=2)
+    old = {name: fmt._get_dotted(header, name) for name in fmt.IDENTITY_FIELDS}
+    expected = hashlib.sha256(
+        json.dumps(old, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    ).hexdigest()
+    assert fmt.compute_store_id(header) == expected
+    assert fmt.compute_store_id({**header, "encoding": None}) == expected
+    compact = {**header, "encoding": fmt.fixed16_encoding()}
+    assert fmt.compute_store_id(compact) != expected
+    assert fmt.identity_differences(header, compact) == ["encoding"]
+
+
+def test_compact_store_verifies_and_reads_back_within_the_bound(tmp_path):
+    src = write_store(tmp_path / "src", num_parts=2, topk=2, with_sampling=True, with_reward=True)
+    dst = tmp_path / "compact"
+    manifest = tools.compact_store(src, dst, **QUIET)
+    assert manifest.format_version == fmt.FORMAT_VERSION == "1.2"
+    assert manifest.encoding == fmt.fixed16_encoding()
+    assert json.loads((dst / fmt.MANIFEST_FILE).read_text())["encoding"]["max_abs_error"] == 1 / 4096
+    assert manifest.extra[fmt.LINEAGE_KEY][0]["op"] == "compact"
+    report = verify_store(dst)
+    assert report.ok and report.warnings == [], report.format()
+    on_disk = pq.read_schema(dst / fmt.shard_file(0))
+    assert on_disk.field("teacher_logprobs").type.value_type == pa.uint16()
+    assert on_disk.field("teacher_topk_logprobs").type.value_type.value_type == pa.uint16()
+    assert sum(s.bytes for s in manifest.shards) < sum(s.bytes for s in open_store(src).manifest.shards)
+
+    before, after = read_table(src), read_table(dst)
+    assert after.schema.equals(before.schema)  # readers hand out float32 whatever the encoding
+    for name in before.column_names:
+        if name in fmt.LOGPROB_COLUMNS:
+            exact, decoded = _leaves(before.column(name)), _leaves(after.column(name))
+            naive = np.array([_naive_encode_decode(x, 2048) for x in exact], dtype=np.float32)
+            np.testing.assert_array_equal(decoded, naive)
+            assert np.abs(decoded - exact).max() <= 1 / 4096
+        else:
+            assert after.column(name).equals(before.column(name)), name
+    # On disk, each position's top-k codes are rank 1's code, then differences from the previous rank.
+    raw = _leaves(pq.read_table(dst / fmt.shard_file(0)).column("teacher_topk_logprobs")).reshape(-1, 2)
+    first_part = _leaves(pq.read_table(src / fmt.shard_file(0)).column("teacher_topk_logprobs")).reshape(
+        -1, 2
+    )
+    codes = np.array([[round(-float(x) * 2048) for x in position] for position in first_part])
+    assert (raw[:, 0] == codes[:, 0]).all() and (raw[:, 1] == (codes[:, 1] - codes[:, 0]) % 2**16).all()
+    row = next(open_store(dst).iter_rows())
+    assert row["teacher_topk_logprobs"].dtype == np.float32 and row["teacher_topk_logprobs"].shape[1] == 2
+
+    assert summarize_store(dst)["logprob_encoding"].startswith("fixed16 (max error 0.000244")
+    assert summarize_store(src)["logprob_encoding"] == "float32"
+    scale = next(r for r in tools.diff_stores(src, dst) if r.field == "encoding.scale")
+    assert (scale.a, scale.b, scale.identity) == (None, 2048, True)
+
+    with pytest.raises(StoreError, match="already compact"):
+        tools.compact_store(dst, tmp_path / "again", **QUIET)
+
+
+def test_compact_stores_through_filter_merge_and_export(tmp_path):
+    a = write_store(tmp_path / "a", num_parts=2, topk=2, with_reward=True)
+    header = make_header(topk=2)
+    header["sampling"]["seed"] = 1
+    b = write_store(tmp_path / "b", num_parts=1, topk=2, with_reward=True, header=header)
+    ca, cb = tmp_path / "ca", tmp_path / "cb"
+    tools.compact_store(a, ca, **QUIET)
+    tools.compact_store(b, cb, **QUIET)
+
+    filtered = tmp_path / "filtered"
+    tools.filter_store(ca, filtered, tools.FilterSpec(min_length=10), **QUIET)
+    assert open_store(filtered).manifest.encoding == fmt.fixed16_encoding() and verify_store(filtered).ok
+    kept = read_table(filtered).to_pylist()
+    assert kept == [r for r in read_table(ca).to_pylist() if len(r["response_ids"]) >= 10]  # no re-rounding
+
+    merged = tmp_path / "merged"
+    tools.merge_stores([ca, cb], merged, **QUIET)
+    assert verify_store(merged).ok and open_store(merged).manifest.encoding is not None
+    with pytest.raises(StoreError, match="encoding differs"):
+        tools.merge_stores([ca, b], tmp_path / "mixed", **QUIET)
+
+    exported = tmp_path / "export"
+    tools.export_parquet(ca, exported, **QUIET)
+    plain = pq.read_table(sorted(exported.glob("part-*.parquet"))[0])
+    assert plain.schema.field("teacher_logprobs").type.value_type == pa.float32()
+    assert (
+        plain.column("teacher_logprobs").to_pylist()
+        == read_table(ca).slice(0, plain.num_rows).column("teacher_logprobs").to_pylist()
+    )
+    with pytest.raises(StoreError, match="--to parquet"):
+        tools.export_hf(ca, tmp_path / "hf", **QUIET)
+
+
+def test_compact_and_float32_parts_never_mix(tmp_path):
+    root = tmp_path / "s"
+    header = make_header(topk=2)
+    writer = StoreWriter(root, header, num_parts=2, topk=2)
+    writer.write_part(0, make_rows(0, topk=2))
+    with pytest.raises(StoreError, match="differs in.*encoding"):
+        StoreWriter(root, {**header, "encoding": fmt.fixed16_encoding()}, num_parts=2, topk=2)
+
+    # A float32 shard swapped into a compact store fails verify (schema), and reading it is refused.
+    compact = tmp_path / "c"
+    tools.compact_store(write_store(tmp_path / "f", num_parts=2, topk=2), compact, **QUIET)
+    float_table = pq.read_table(tmp_path / "f" / fmt.shard_file(1))
+    rewrite_shard(compact / fmt.shard_file(1), float_table)
+    report = verify_store(compact)
+    assert not report.ok and any("schema differs" in p for p in report.problems), report.format()
+
+
+def test_a_format_1_1_store_still_reads(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "FORMAT_VERSION", "1.1")
+        root = write_store(tmp_path / "old", num_parts=2, topk=2, with_sampling=True)
+    path = root / fmt.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    assert manifest.pop("encoding") is None  # what a 1.1 writer wrote: no such key
+    path.write_text(json.dumps(manifest))
+    store = open_store(root)
+    assert store.manifest.format_version == "1.1" and store.manifest.encoding is None
+    assert verify_store(root).ok
+    assert read_table(root).schema.field("teacher_logprobs").type.value_type == pa.float32()
+    compact = tmp_path / "compact"
+    tools.compact_store(root, compact, **QUIET)  # an old store converts like a new one
+    assert verify_store(compact).ok
+
+
+def test_precompute_compact_logprobs_writes_a_compact_store_that_trains(
+    micro_store, sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path
+):
+    out = tmp_path / "compact"
+    config = precompute_config(
+        sft_student_dir, micro_teacher_dir, opd_prompts, out, topk=3, compact_logprobs=True
+    )
+    precompute.run(config, **QUIET)
+    store = open_store(out)
+    assert store.manifest.encoding == fmt.fixed16_encoding()
+    assert store.store_id != open_store(micro_store).store_id
+    assert verify_store(out).ok
+    # Same seed, same models: the same rollouts; every log-prob within the stated error of micro_store's.
+    exact, compact = read_table(micro_store), read_table(out)
+    assert compact.column("response_ids").equals(exact.column("response_ids"))
+    for name in fmt.LOGPROB_COLUMNS:
+        if name in exact.column_names:
+            error = np.abs(_leaves(compact.column(name)) - _leaves(exact.column(name)))
+            assert error.max() <= store.manifest.encoding["max_abs_error"] + 1e-7, name
+    run = tmp_path / "train"
+    train.run(
+        train.TrainConfig(
+            student=str(sft_student_dir), stores=str(out), out=str(run), steps=2, batch_size=4,
+            micro_batch_size=2, lr=1e-3, shuffle_buffer=8, seed=0,
+        ),
+        **QUIET,
+    )  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
