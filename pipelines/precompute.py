@@ -7,6 +7,9 @@
     # scale out: N processes (any scheduler), then one merge
     lopd precompute ... --shard-index $i --num-shards N   # for i in 0..N-1
     lopd store finalize runs/store
+    # the same as a Slurm job array or Ray tasks: examples/slurm/submit.sh, examples/ray_precompute.py
+    # vLLM engines: --tensor-parallel-size/--max-num-seqs/--gpu-memory-utilization/--max-model-len
+    # (sampler), --scoring-... (scorer); recorded in the manifest (sampling.engine, extra.scoring_engine)
 
 Work is cut into fixed *parts* of the prompt set (``--part-size`` prompts each); worker i of N does
 the parts with ``part % N == i``, so a sharded run writes exactly the parts a single run would. A part
