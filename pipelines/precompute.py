@@ -7,6 +7,9 @@
     # scale out: N processes (any scheduler), then one merge
     lopd precompute ... --shard-index $i --num-shards N   # for i in 0..N-1
     lopd store finalize runs/store
+    # the same as a Slurm job array or Ray tasks: examples/slurm/submit.sh, examples/ray_precompute.py
+    # vLLM engines: --tensor-parallel-size/--max-num-seqs/--gpu-memory-utilization/--max-model-len
+    # (sampler), --scoring-... (scorer); recorded in the manifest (sampling.engine, extra.scoring_engine)
 
 Work is cut into fixed *parts* of the prompt set (``--part-size`` prompts each); worker i of N does
 the parts with ``part % N == i``, so a sharded run writes exactly the parts a single run would. A part
@@ -22,7 +25,15 @@ from pathlib import Path
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.modeling import check_device_and_dtype
 from lightning_opd.prompts import check_chat_template_mode
-from lightning_opd.stage1.build import SCORING_BACKENDS, SHARD_FIELDS, run_rollouts, run_scoring
+from lightning_opd.stage1.build import (
+    ENGINE_FIELD_HELP,
+    ENGINE_FIELDS,
+    SCORING_BACKENDS,
+    SHARD_FIELDS,
+    check_engine_fields,
+    run_rollouts,
+    run_scoring,
+)
 from lightning_opd.store import open_store
 from lightning_opd.store.files import file_lock
 from lightning_opd.verifiers import check_verifier
@@ -66,6 +77,13 @@ class RolloutConfig:
     device: str = "auto"
     keep_text: bool = field(default=True, metadata={"help": "store decoded response text (RepRate needs it)"})
     overwrite: bool = False
+    # The rollout sampler's vLLM engine (--backend vllm); recorded in the manifest's sampling.engine.
+    tensor_parallel_size: int = field(default=1, metadata={"help": ENGINE_FIELD_HELP["tensor_parallel_size"]})
+    max_num_seqs: int | None = field(default=None, metadata={"help": ENGINE_FIELD_HELP["max_num_seqs"]})
+    gpu_memory_utilization: float | None = field(
+        default=None, metadata={"help": ENGINE_FIELD_HELP["gpu_memory_utilization"]}
+    )
+    max_model_len: int | None = field(default=None, metadata={"help": ENGINE_FIELD_HELP["max_model_len"]})
 
     def __post_init__(self):
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
@@ -79,6 +97,7 @@ class RolloutConfig:
         check_verifier(self.verifier)
         check_chat_template_mode(self.chat_template)
         check_device_and_dtype(self.device, self.dtype)
+        check_engine_fields(self, "", self.backend, "--backend")
 
 
 @dataclass
@@ -120,6 +139,19 @@ class ScoreConfig:
     dtype: str = "auto"
     device: str = "auto"
     overwrite: bool = False
+    # The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine.
+    scoring_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["tensor_parallel_size"]}
+    )
+    scoring_max_num_seqs: int | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_num_seqs"]}
+    )
+    scoring_gpu_memory_utilization: float | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["gpu_memory_utilization"]}
+    )
+    scoring_max_model_len: int | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_model_len"]}
+    )
 
     def __post_init__(self):
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
@@ -136,6 +168,7 @@ class ScoreConfig:
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
         check_device_and_dtype(self.device, self.dtype)
+        check_engine_fields(self, "scoring_", self.scoring_backend, "--scoring-backend")
 
 
 @dataclass
@@ -152,6 +185,19 @@ class PrecomputeConfig(RolloutConfig):
     compact_logprobs: bool = False
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
+    # The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine.
+    scoring_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["tensor_parallel_size"]}
+    )
+    scoring_max_num_seqs: int | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_num_seqs"]}
+    )
+    scoring_gpu_memory_utilization: float | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["gpu_memory_utilization"]}
+    )
+    scoring_max_model_len: int | None = field(
+        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_model_len"]}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -172,6 +218,7 @@ class PrecomputeConfig(RolloutConfig):
             compact_logprobs=self.compact_logprobs,
             max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size,
+            **{f"scoring_{name}": getattr(self, f"scoring_{name}") for name in ENGINE_FIELDS},
             shard_index=self.shard_index,
             num_shards=self.num_shards,
             dtype=self.dtype,

@@ -123,6 +123,11 @@ def identity_section() -> str:
         f"The header (sections {_bullets(fmt.HEADER_KEYS)}) is fixed when the first writer opens the store. "
         f"`sampling` must hold {_bullets(fmt.SAMPLING_KEYS)}, and `horizon` equals `sampling.max_new_tokens`.",
         "",
+        "Inference engine settings (optional, not identity): `sampling.engine` (the rollout sampler's) and "
+        f"`extra.{fmt.SCORING_ENGINE_KEY}` (the teacher scorer's) hold {_bullets(fmt.ENGINE_KEYS)} as handed "
+        "to vLLM (a null value: vLLM chose), or are null for the transformers backend; stores written "
+        "before they were recorded lack them.",
+        "",
         "`store_id` = sha256 of the canonical JSON of these fields (paths and backend versions are left "
         "out: moving a model or a patch release does not change the content):",
         "",

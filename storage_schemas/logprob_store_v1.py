@@ -529,8 +529,36 @@ BEHAVIOR_LOGPROBS_DISTRIBUTION = "raw_logprobs"
 SAMPLING_LOGPROBS_DISTRIBUTION = SAMPLING_LOGPROBS_MODE
 
 
-def sampling_section(backend: str, backend_version: str, config: Any) -> dict[str, Any]:
-    """The manifest's ``sampling`` section, from any config with n/temperature/top_p/max_new_tokens/seed."""
+# The inference engine's scale settings, recorded where an engine ran: ``sampling.engine`` for the
+# rollout sampler and ``extra.scoring_engine`` for the teacher scorer; null for the transformers
+# backend (not applicable), absent in stores written before they were recorded. They say how a
+# store was made, not what it holds: they are not identity fields. Values are what was handed to the
+# engine; a null inside means the engine chose (its hardware default, the model's context length).
+ENGINE_KEYS = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
+SCORING_ENGINE_KEY = "scoring_engine"  # in manifest.extra, next to "scoring_backend"
+
+
+def engine_section(
+    *,
+    tensor_parallel_size: int,
+    max_num_seqs: int | None,
+    gpu_memory_utilization: float | None,
+    max_model_len: int | None,
+) -> dict[str, Any]:
+    """One engine record (``sampling.engine`` / ``extra.scoring_engine``)."""
+    return {
+        "tensor_parallel_size": tensor_parallel_size,
+        "max_num_seqs": max_num_seqs,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+    }
+
+
+def sampling_section(
+    backend: str, backend_version: str, config: Any, engine: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest's ``sampling`` section, from any config with n/temperature/top_p/max_new_tokens/seed;
+    ``engine`` is the sampler engine's ``engine_section`` (None: the backend has no such settings)."""
     return {
         "backend": backend,
         "backend_version": backend_version,
@@ -543,6 +571,7 @@ def sampling_section(backend: str, backend_version: str, config: Any) -> dict[st
         # full vocabulary) vs the distribution each token was drawn from (temperature + top-p).
         "behavior_logprobs": BEHAVIOR_LOGPROBS_DISTRIBUTION,
         "sampling_logprobs": SAMPLING_LOGPROBS_DISTRIBUTION,
+        "engine": engine,
     }
 
 
@@ -686,6 +715,19 @@ def _topk_problems(kind: Any, topk: Any) -> list[str]:
     return []
 
 
+def _engine_problems(where: str, engine: Any) -> list[str]:
+    """An engine record is absent/None or exactly ``ENGINE_KEYS``, each a positive number or None."""
+    if engine is None:
+        return []
+    if not isinstance(engine, dict) or sorted(engine) != sorted(ENGINE_KEYS):
+        return [f"header {where} must be None or a dict with keys {list(ENGINE_KEYS)}, got {engine!r:.80}"]
+    return [
+        f"{where}.{key} must be a positive number or None, got {value!r}"
+        for key, value in engine.items()
+        if value is not None and not (_is_number(value) and value > 0)
+    ]
+
+
 def header_problems(header: dict[str, Any]) -> list[str]:
     """What is wrong with a store header (the identity sections); empty when it is valid."""
     if not isinstance(header, dict):
@@ -710,6 +752,9 @@ def header_problems(header: dict[str, Any]) -> list[str]:
     problems += encoding_problems(header.get("encoding"))
     if header.get("extra") is not None and not isinstance(header.get("extra"), dict):
         problems.append(f"header extra must be a dict, got {header.get('extra')!r}")
+    for section, key in (("sampling", "engine"), ("extra", SCORING_ENGINE_KEY)):
+        if isinstance(header.get(section), dict):
+            problems += _engine_problems(f"{section}.{key}", header[section].get(key))
     try:
         json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:

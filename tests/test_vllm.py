@@ -302,7 +302,7 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
         return result.stdout
 
     # The model scores its own rollouts (declared as its own SFT teacher): the point is the vLLM path.
-    lopd(
+    precomputed = lopd(
         "precompute",
         "--student",
         model_dir,
@@ -324,15 +324,33 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
         16,
         "--part-size",
         2,
+        # The scale settings reach the engine (it logs what it runs with) and land in the manifest.
+        "--max-num-seqs",
+        3,
+        "--max-model-len",
+        96,
+        "--gpu-memory-utilization",
+        0.15,
     )
+    sampler_engine = {
+        "tensor_parallel_size": 1,
+        "max_num_seqs": 3,
+        "gpu_memory_utilization": 0.15,
+        "max_model_len": 96,
+    }
+    assert f"stage 1 rollouts: vLLM engine runs with {sampler_engine}" in precomputed
     assert "OK" in lopd("store", "verify", out)
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sampling"]["engine"] == sampler_engine
+    assert (
+        manifest["extra"]["scoring_backend"] == "transformers" and manifest["extra"]["scoring_engine"] is None
+    )
     assert manifest["sampling"]["backend"] == "vllm" and manifest["stats"]["num_rollouts"] == 2 * len(PROMPTS)
     assert "sampling_logprobs" in manifest["columns"]
     assert manifest["sampling"]["sampling_logprobs"] == "processed_logprobs"
     # The same rollouts scored through vLLM's prompt_logprobs agree with the transformers scorer.
     vllm_scored = tmp_path / "store-vllm-scored"
-    lopd(
+    scored = lopd(
         "score",
         "--rollouts",
         out / "_rollouts",
@@ -347,8 +365,23 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
         "--dtype",
         "float32",
         "--allow-duplicate",
+        "--scoring-max-num-seqs",
+        2,
+        "--scoring-max-model-len",
+        64,
     )
+    # vLLM picked nothing here: the utilization is this module's CPU default, the rest as given.
+    scorer_engine = {
+        "tensor_parallel_size": 1,
+        "max_num_seqs": 2,
+        "gpu_memory_utilization": 0.2,
+        "max_model_len": 64,
+    }
+    assert f"stage 1 scoring: vLLM engine runs with {scorer_engine}" in scored
     assert "OK" in lopd("store", "verify", vllm_scored)
+    scored_manifest = json.loads((vllm_scored / "manifest.json").read_text())
+    assert scored_manifest["extra"]["scoring_engine"] == scorer_engine
+    assert scored_manifest["sampling"]["engine"] == sampler_engine  # carried over from the rollouts
     import pyarrow.parquet as pq
 
     def teacher_logprobs(root):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lightning_opd.consistency import teacher_consistency
-from lightning_opd.errors import InputError, StoreError
+from lightning_opd.errors import ConfigError, InputError, StoreError
 from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
     check_same_tokenizer,
@@ -37,6 +37,7 @@ from lightning_opd.store.registry import check_not_duplicate, register
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     SAMPLING_COLUMN,
+    SCORING_ENGINE_KEY,
     compute_store_id,
     fixed16_encoding,
     prompt_set_section,
@@ -44,14 +45,55 @@ from storage_schemas.logprob_store_v1 import (
 )
 
 SCORING_BACKENDS = ("transformers", "vllm")
+# The vLLM engine's scale settings, one config field each: plain names for the rollout sampler
+# (RolloutConfig), "scoring_"-prefixed for the teacher scorer (ScoreConfig, PrecomputeConfig).
+ENGINE_FIELDS = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
+ENGINE_FIELD_HELP = {
+    "tensor_parallel_size": "GPUs one vLLM engine spans (tensor parallel)",
+    "max_num_seqs": "sequences per vLLM engine step (default: vLLM's for the hardware)",
+    "gpu_memory_utilization": "share of device memory vLLM may take (default: 0.92 on a GPU, 0.2 on CPU)",
+    "max_model_len": "vLLM context length (default: the model's)",
+}
 
 
-def make_scorer(config):
+def engine_config(config, prefix: str = "", *, max_logprobs: int = 20):
+    """The ``VLLMEngineConfig`` from a stage-one config's engine fields (``prefix`` "scoring_" for the scorer)."""
+    from lightning_opd.stage1.vllm_backend import VLLMEngineConfig  # does not import vllm itself
+
+    return VLLMEngineConfig(
+        **{name: getattr(config, prefix + name) for name in ENGINE_FIELDS}, max_logprobs=max_logprobs
+    )
+
+
+def _changed_engine_flags(config, prefix: str) -> str:
+    defaults = {f.name: f.default for f in fields(config)}
+    changed = [prefix + n for n in ENGINE_FIELDS if getattr(config, prefix + n) != defaults[prefix + n]]
+    return ", ".join("--" + name.replace("_", "-") for name in changed)
+
+
+def check_engine_fields(config, prefix: str, backend: str, backend_flag: str) -> None:
+    """Validate the engine fields; refuse them with a backend that has no engine (they would be ignored)."""
+    try:
+        engine_config(config, prefix)  # range checks; their messages start with the field's name
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    flags = _changed_engine_flags(config, prefix)
+    if flags and backend == "transformers":
+        raise ConfigError(
+            f"{flags} configure the vLLM engine, but {backend_flag} is 'transformers'; "
+            f"pass {backend_flag} vllm or drop them"
+        )
+
+
+def make_scorer(config, log=print):
     """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend."""
     if config.scoring_backend == "vllm":
-        from lightning_opd.stage1.vllm_backend import VLLMScorer
+        from lightning_opd.stage1.vllm_backend import VLLMScorer, running_settings
 
-        scorer = VLLMScorer(config.teacher, dtype=config.dtype)
+        # vLLM caps top-k log-probs at max_logprobs (default 20): lift the cap to the asked top-k.
+        engine = engine_config(config, "scoring_", max_logprobs=max(20, config.topk))
+        scorer = VLLMScorer(config.teacher, dtype=config.dtype, engine=engine)
+        log(f"stage 1 scoring: vLLM engine runs with {running_settings(scorer.llm)}")
         return (
             lambda prompts, responses: scorer.score_sequences(prompts, responses, topk=config.topk)
         ), scorer.close
@@ -152,11 +194,27 @@ def run_rollouts(config, log=print) -> Path:
         dtype=config.dtype,
     )
     # Given the directory, the sampler loads the model itself: vLLM when installed, else transformers.
-    sampler = make_sampler(config.student, sampling, config.device)
+    engine = engine_config(config)
+    sampler = make_sampler(config.student, sampling, config.device, engine=engine)
+    if sampler.name == "vllm":
+        from lightning_opd.stage1.vllm_backend import running_settings
+
+        log(f"stage 1 rollouts: vLLM engine runs with {running_settings(sampler.llm)}")
+    elif _changed_engine_flags(config, ""):
+        warnings.warn(
+            f"stage 1: --backend auto chose transformers (vLLM is not installed), so "
+            f"{_changed_engine_flags(config, '')} are ignored",
+            stacklevel=1,
+        )
     header = {
         "kind": "rollouts",
         "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
-        "sampling": sampling_section(sampler.name, sampler.version, config),
+        "sampling": sampling_section(
+            sampler.name,
+            sampler.version,
+            config,
+            engine=engine.settings() if sampler.name == "vllm" else None,
+        ),
         "horizon": config.max_new_tokens,
         "prompt_set": prompt_set_section(
             str(Path(config.prompts).resolve()),
@@ -240,7 +298,13 @@ def run_scoring(config, log=print) -> Path:
         "teacher": asdict(teacher_id),
         "teacher_consistency": consistency,
         "topk": None if not config.topk else {"k": config.topk, "tail_treatment": config.topk_tail},
-        "extra": {**(rollout_header.get("extra") or {}), "scoring_backend": config.scoring_backend},
+        "extra": {
+            **(rollout_header.get("extra") or {}),
+            "scoring_backend": config.scoring_backend,
+            SCORING_ENGINE_KEY: (
+                engine_config(config, "scoring_").settings() if config.scoring_backend == "vllm" else None
+            ),
+        },
         # The rollouts store stays float32; only the final store is compact (readers decode it).
         "encoding": fixed16_encoding() if config.compact_logprobs else None,
     }
@@ -262,7 +326,7 @@ def run_scoring(config, log=print) -> Path:
     done = writer.committed_parts(mine)
     todo = [p for p in mine if p not in done]
     log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()} ({config.scoring_backend})")
-    score, close = make_scorer(config) if todo else (None, lambda: None)
+    score, close = make_scorer(config, log) if todo else (None, lambda: None)
     try:
         bar = tqdm(todo, desc="scoring parts", unit="part")
         throughput = TokenRate()

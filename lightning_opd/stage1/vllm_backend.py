@@ -44,10 +44,24 @@ from lightning_opd.stage1.rollout import (
     plan_requests,
     sample_seed,
 )
-from storage_schemas.logprob_store_v1 import BEHAVIOR_LOGPROBS_DISTRIBUTION, SAMPLING_LOGPROBS_DISTRIBUTION
+from storage_schemas.logprob_store_v1 import (
+    BEHAVIOR_LOGPROBS_DISTRIBUTION,
+    SAMPLING_LOGPROBS_DISTRIBUTION,
+    engine_section,
+)
 
-# Engine arguments this module owns: letting ``extra`` override them would break the contracts above.
-_RESERVED_ENGINE_ARGS = ("model", "dtype", "logprobs_mode", "max_logprobs", "max_model_len")
+# Engine arguments this module owns: letting ``extra`` override them would break the contracts above,
+# or the record of the engine's settings in the store manifest (the dedicated fields below).
+_RESERVED_ENGINE_ARGS = (
+    "model",
+    "dtype",
+    "logprobs_mode",
+    "max_logprobs",
+    "max_model_len",
+    "max_num_seqs",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+)
 
 
 @dataclass
@@ -56,10 +70,13 @@ class VLLMEngineConfig:
 
     ``gpu_memory_utilization`` None means vLLM's default (0.92) on a GPU and 0.2 without one: on CPU
     builds the fraction reserves *host* memory for the KV cache, and 0.92 of it fails to allocate.
+    The four scale settings (``tensor_parallel_size``, ``max_num_seqs``, ``gpu_memory_utilization``,
+    ``max_model_len``) are recorded in the store manifest by ``settings()``.
     """
 
     max_model_len: int | None = None  # None: the model's own context length
     gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None  # sequences per engine step; None: vLLM's default for the hardware
     enforce_eager: bool = False  # True skips CUDA-graph capture/compilation: faster start, slower decode
     max_logprobs: int = 20  # vLLM's cap on top-k log-probs per position; raise it for a larger top-k
     tensor_parallel_size: int = 1
@@ -74,6 +91,10 @@ class VLLMEngineConfig:
             self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
             f"gpu_memory_utilization must be None or in (0, 1], got {self.gpu_memory_utilization}",
         )
+        check(
+            self.max_num_seqs is None or self.max_num_seqs >= 1,
+            f"max_num_seqs must be None or >= 1, got {self.max_num_seqs}",
+        )
         check(self.max_logprobs >= 0, f"max_logprobs must be >= 0, got {self.max_logprobs}")
         check(
             self.tensor_parallel_size >= 1,
@@ -85,29 +106,52 @@ class VLLMEngineConfig:
             f"extra engine arguments may not set {reserved}; use the dedicated fields, got {reserved}",
         )
 
+    def settings(self) -> dict[str, Any]:
+        """The scale settings as handed to ``vllm.LLM`` (the manifest's ``engine`` record).
+
+        ``gpu_memory_utilization`` is resolved (0.92 on a GPU, 0.2 without); ``max_num_seqs`` and
+        ``max_model_len`` stay None when vLLM picks them (its hardware default, the model's context).
+        """
+        import torch
+
+        utilization = self.gpu_memory_utilization
+        if utilization is None:
+            utilization = 0.92 if torch.cuda.is_available() else 0.2
+        return engine_section(
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_num_seqs=self.max_num_seqs,
+            gpu_memory_utilization=utilization,
+            max_model_len=self.max_model_len,
+        )
+
 
 def _engine_kwargs(
     model_dir: str, dtype: str, engine: VLLMEngineConfig, logprobs_mode: str = BEHAVIOR_LOGPROBS_DISTRIBUTION
 ) -> dict[str, Any]:
-    import torch
-
     check(dtype in DTYPES, f"dtype must be one of {DTYPES}, got {dtype!r}")
-    utilization = engine.gpu_memory_utilization
-    if utilization is None:
-        utilization = 0.92 if torch.cuda.is_available() else 0.2
     kwargs = {
         "model": model_dir,
         "dtype": dtype,
         "logprobs_mode": logprobs_mode,
         "max_logprobs": engine.max_logprobs,
-        "gpu_memory_utilization": utilization,
         "enforce_eager": engine.enforce_eager,
-        "tensor_parallel_size": engine.tensor_parallel_size,
     }
-    if engine.max_model_len is not None:
-        kwargs["max_model_len"] = engine.max_model_len
+    # None means "vLLM decides": leave the keyword out so vLLM's own default applies.
+    kwargs.update({k: v for k, v in engine.settings().items() if v is not None})
     kwargs.update(engine.extra)
     return kwargs
+
+
+def running_settings(llm) -> dict[str, Any]:
+    """The scale settings a started engine actually runs with (read back from its config), for the log:
+    what vLLM chose where we left a setting to it, and proof that ours reached it."""
+    config = llm.llm_engine.vllm_config
+    return engine_section(
+        tensor_parallel_size=int(config.parallel_config.tensor_parallel_size),
+        max_num_seqs=int(config.scheduler_config.max_num_seqs),
+        gpu_memory_utilization=float(config.cache_config.gpu_memory_utilization),
+        max_model_len=int(config.model_config.max_model_len),
+    )
 
 
 def _check_model_dir(model_dir: str | Path) -> str:
