@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from lightning_opd.config import check, parse_number_list, prepare_output_dir
 from lightning_opd.consistency import check_store_for_training
@@ -167,7 +167,11 @@ def check_distributed(distributed_type: DistributedType) -> None:
 
 
 def run(config: TrainConfig, log=print) -> Path:
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # DDP broadcasts buffers at every forward (a collective); with StableOPD's gold solutions one process
+    # may run a second forward in a micro-batch where another runs none, and mismatched collectives
+    # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
     check_distributed(accelerator.distributed_type)
     if not accelerator.is_main_process:  # one copy of each message under accelerate launch
         log = _quiet
