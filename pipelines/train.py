@@ -1,7 +1,9 @@
 """Stage two: train the student offline from logprob stores (Lightning OPD). No teacher is loaded.
 
     lopd train --student runs/sft --stores runs/store --out runs/opd --steps 100 --lr 1e-5
-    accelerate launch -m lightning_opd.cli train ...          # several GPUs (DDP/FSDP/DeepSpeed)
+    accelerate launch --multi_gpu --num_processes 8 -m lightning_opd.cli train ...   # 8 GPUs, DDP
+        # --batch-size stays global (each process trains on its slice); FSDP/DeepSpeed are refused.
+        # On CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ... (DDP over gloo, as tested)
     lopd train ... --horizon fraction --horizon-fraction 0.1   # TOPD at 10% of the store's horizon
     lopd train ... --horizon staircase --horizon-h0 16 --horizon-dh 16 --horizon-dk 20   # POPD
     lopd train ... --preset esr            # ESR: horizon fixed at 100 + top-k reverse KL (top-k store)
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from lightning_opd.config import check, parse_number_list, prepare_output_dir
 from lightning_opd.consistency import check_store_for_training
@@ -30,6 +32,7 @@ from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.stage2 import runs
+from lightning_opd.stage2.batch import StudentScorer
 from lightning_opd.stage2.drift import DriftWatch
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
@@ -141,8 +144,37 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
     return stores, weights, store_horizon, (topks.pop() if objective.needs_topk else None)
 
 
+# The chunked LM head reads the head's whole weight matrix inside the forward; a sharded head (FSDP,
+# DeepSpeed ZeRO-3) would need it gathered there. DeepSpeed also steps its engine inside every
+# accelerator.backward call, which breaks this loop's micro-batch accumulation (one update per step).
+UNSUPPORTED_DISTRIBUTED = {
+    DistributedType.FSDP: "FSDP",
+    DistributedType.DEEPSPEED: "DeepSpeed",
+    DistributedType.MEGATRON_LM: "Megatron-LM",
+}
+
+
+def check_distributed(distributed_type: DistributedType) -> None:
+    """Refuse distributed modes stage two is not built for, before anything is loaded or written."""
+    name = UNSUPPORTED_DISTRIBUTED.get(distributed_type)
+    if name is not None:
+        raise ConfigError(
+            f"lopd train does not support {name}: the chunked LM-head kernel needs the whole head weight "
+            "on every process and one optimizer update per step. Use DDP: `accelerate launch --multi_gpu "
+            "--num_processes N -m lightning_opd.cli train ...` (an accelerate config with distributed_type "
+            "MULTI_GPU), and --mixed-precision bf16 / --micro-batch-size to fit memory"
+        )
+
+
 def run(config: TrainConfig, log=print) -> Path:
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # DDP broadcasts buffers at every forward (a collective); with StableOPD's gold solutions one process
+    # may run a second forward in a micro-batch where another runs none, and mismatched collectives
+    # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
+    check_distributed(accelerator.distributed_type)
+    if not accelerator.is_main_process:  # one copy of each message under accelerate launch
+        log = _quiet
     out = Path(config.out)
     if accelerator.is_main_process:
         prepare_output_dir(out, config, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS)
@@ -155,7 +187,9 @@ def run(config: TrainConfig, log=print) -> Path:
     objective = config.build_objective()
     gold = GoldSolutions.load(config.gold_prompts, tokenizer) if config.gold_nll_coef > 0 else None
     optimizer, scheduler = make_optimizer(model, config)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Prepared (DDP-wrapped) is the scorer, not the bare model: see StudentScorer. From here `model`
+    # is the prepared scorer; checkpoints hold its state (the student's keys under "model.").
+    model, optimizer, scheduler = accelerator.prepare(StudentScorer(model), optimizer, scheduler)
     row_filter = RowFilter(
         finish_reasons=tuple(r for r in config.finish_reasons.split(",") if r),
         max_response_length=config.max_response_tokens or None,
@@ -236,7 +270,14 @@ def offline_step(
     if check_batch is not None:
         check_batch(global_rows)
     rows = global_rows[rank::world]
-    stats = accumulate_gradients(model, rows, inputs, step=step + 1, accelerator=accelerator)
+    # StableOPD: a prompt's one gold solution goes to the rank of its first rollout in the batch.
+    first = {}
+    for i, r in enumerate(global_rows):
+        first.setdefault(r["prompt_id"], i)
+    elsewhere = frozenset(p for p, i in first.items() if i % world != rank)
+    stats = accumulate_gradients(
+        model, rows, inputs, step=step + 1, accelerator=accelerator, gold_seen=elsewhere
+    )
     update = apply_update(accelerator, model, optimizer, scheduler, config.grad_clip, step)
     elapsed = runs.timer() - t0
     tokens, response_tokens = stats.pop("tokens"), stats.pop("response_tokens")
@@ -245,15 +286,15 @@ def offline_step(
         "step": step + 1,
         "horizon": inputs.horizon,
         **update,
-        "tokens": tokens * world,
-        "tokens_per_s": tokens * world / elapsed,
-        "response_tokens": response_tokens * world,
+        "tokens": tokens,  # over all processes
+        "tokens_per_s": tokens / elapsed,
+        "response_tokens": response_tokens,
         "step_time_s": elapsed,
     }
 
 
 def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizon: int) -> float:
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model).model  # the student inside the StudentScorer
     unwrapped.eval()
     result = evaluate_model(
         unwrapped,
@@ -271,20 +312,18 @@ def evaluate(accelerator, model, tokenizer, records, config: TrainConfig, horizo
 def save_final(accelerator, model, tokenizer, config: TrainConfig, stores, out: Path, log) -> Path:
     accelerator.wait_for_everyone()
     final = out / "final"
+    stores_input = [
+        {"path": str(s.root), "store_id": s.store_id, "manifest_sha256": _sha256(s.root / "manifest.json")}
+        for s in stores
+    ]
+    inputs = {**_gold_input(config), "stores": stores_input}
+    # Every process calls it (gathering the weights may be collective); only the main one writes.
+    runs.write_final_model(
+        accelerator, model, tokenizer, final, stage="lightning_opd", config=config, inputs=inputs
+    )
     if accelerator.is_main_process:
-        stores_input = [
-            {
-                "path": str(s.root),
-                "store_id": s.store_id,
-                "manifest_sha256": _sha256(s.root / "manifest.json"),
-            }
-            for s in stores
-        ]
-        inputs = {**_gold_input(config), "stores": stores_input}
-        runs.write_final_model(
-            accelerator, model, tokenizer, final, stage="lightning_opd", config=config, inputs=inputs
-        )
         log(f"stage 2: trained student saved to {final}")
+    accelerator.wait_for_everyone()  # final/ is whole before any process returns
     return final
 
 
@@ -297,6 +336,10 @@ def _gold_input(config: TrainConfig) -> dict:
             "content_hash": prompt_set_hash(load_prompts(config.gold_prompts)),
         }
     }
+
+
+def _quiet(*_args) -> None:
+    pass
 
 
 def _sha256(path: Path) -> str:

@@ -4,8 +4,7 @@ Every step draws ``batch_size`` stored rollouts, applies the horizon in force (a
 mask, and a cut of the sequence so that masked tokens cost no compute), recomputes the student's
 log-probs of the stored tokens (chunked over positions: never ``[batch, seq, vocab]`` in fp32), and
 hands them with the stored teacher/behaviour log-probs to the objective. A plain loop under
-accelerate: mixed precision, gradient accumulation and ``accelerate launch`` (DDP/FSDP/DeepSpeed)
-come from there.
+accelerate: mixed precision and ``accelerate launch`` (DDP; see ``StudentScorer``) come from there.
 """
 
 from __future__ import annotations
@@ -102,31 +101,71 @@ def collate(rows: list[dict[str, Any]], horizon: int, pad_id: int, topk: int | N
     )
 
 
+class StudentScorer(torch.nn.Module):
+    """The student's log-probs of chosen tokens as one module call: decoder, then the chunked LM head.
+
+    Stage two hands *this* module (not the bare model) to ``accelerator.prepare``. The chunked head
+    calls the decoder and reads the head's weight directly, past the model's ``forward``; under DDP
+    that would skip the wrapper's forward, so the gradient all-reduce never fires and every process
+    silently trains its own copy. Run as the wrapped module's forward, the whole computation is
+    inside DDP's forward and the all-reduce happens as usual.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        where: torch.Tensor,
+        targets: torch.Tensor,
+        topk_ids: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log-probs of targets[where] [N], log-probs at topk_ids[where] [N, K] or None)``."""
+        hidden = final_hidden_states(self.model, input_ids, attention_mask)[:, :-1]
+        weight, bias = output_head(self.model)
+        selected = hidden[where]  # [N, H]
+        at_targets = token_logprobs_from_hidden(
+            selected, weight, targets[where], bias=bias, chunk_size=chunk_size, checkpoint=True
+        )
+        at_topk = None
+        if topk_ids is not None:
+            at_topk = logprobs_at_ids_from_hidden(
+                selected, weight, topk_ids[where], bias=bias, chunk_size=chunk_size, checkpoint=True
+            )
+        return at_targets, at_topk
+
+
+def _scorer(model) -> torch.nn.Module:
+    """``model`` itself when it is a (wrapped) ``StudentScorer``, else a scorer around the bare model."""
+    return model if isinstance(getattr(model, "module", model), StudentScorer) else StudentScorer(model)
+
+
 def student_token_batch(model, batch: Batch, *, needs_topk: bool, chunk_size: int) -> TokenBatch:
     """Recompute the student's log-probs of the stored tokens (with grad) and assemble a TokenBatch.
 
+    ``model`` is a bare causal LM or a ``StudentScorer`` (as prepared by accelerate in stage two).
     The LM head runs only at trained positions (response tokens inside the horizon): prompts and
     padding cost the decoder forward but no ``[positions, vocab]`` work.
     """
-    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]
-    weight, bias = output_head(model)
     where = batch.mask > 0
-    selected = hidden[where]  # [N, H]
-    student = hidden.new_zeros(batch.mask.shape, dtype=torch.float32)
-    student = student.masked_scatter(
+    at_targets, at_topk = _scorer(model)(
+        batch.input_ids,
+        batch.attention_mask,
         where,
-        token_logprobs_from_hidden(
-            selected, weight, batch.targets[where], bias=bias, chunk_size=chunk_size, checkpoint=True
-        ),
+        batch.targets,
+        batch.teacher_topk_ids if needs_topk else None,
+        chunk_size=chunk_size,
     )
+    student = at_targets.new_zeros(batch.mask.shape, dtype=torch.float32).masked_scatter(where, at_targets)
     student_topk = None
     if needs_topk:
         k = batch.teacher_topk_ids.shape[-1]
-        student_topk = hidden.new_zeros((*batch.mask.shape, k), dtype=torch.float32)
-        at_ids = logprobs_at_ids_from_hidden(
-            selected, weight, batch.teacher_topk_ids[where], bias=bias, chunk_size=chunk_size, checkpoint=True
-        )
-        student_topk = student_topk.masked_scatter(where.unsqueeze(-1).expand_as(student_topk), at_ids)
+        student_topk = at_targets.new_zeros((*batch.mask.shape, k), dtype=torch.float32)
+        student_topk = student_topk.masked_scatter(where.unsqueeze(-1).expand_as(student_topk), at_topk)
     return TokenBatch(
         student_logprobs=student,
         teacher_logprobs=batch.teacher_logprobs,

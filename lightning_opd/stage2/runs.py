@@ -17,6 +17,7 @@ from lightning_opd.errors import TrainingError
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.prompts import load_prompts
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
+from lightning_opd.stage2.batch import StudentScorer
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -93,10 +94,20 @@ def due(every: int, step: int, steps: int) -> bool:
 def write_final_model(
     accelerator, model, tokenizer, final: Path, *, stage: str, config, inputs: dict
 ) -> None:
-    """Save the trained student with provenance (main process only): its fingerprint, its config, what it
-    was trained on, and its parent's provenance, so the chain back to the SFT teacher stays intact."""
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+    """Save the trained student with provenance: its fingerprint, its config, what it was trained on,
+    and its parent's provenance, so the chain back to the SFT teacher stays intact.
+
+    Call it on every process: gathering the state dict is collective under sharded training; only the
+    main process writes. ``model`` is the prepared student, or stage two's prepared ``StudentScorer``.
+    """
+    state = accelerator.get_state_dict(model)
+    student = accelerator.unwrap_model(model)
+    if isinstance(student, StudentScorer):  # save the student inside, under its own keys
+        student = student.model
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    if not accelerator.is_main_process:
+        return
+    student.save_pretrained(final, state_dict=state)
     tokenizer.save_pretrained(final)
     parent = read_provenance(config.student)
     write_provenance(

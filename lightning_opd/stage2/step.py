@@ -65,19 +65,32 @@ def update_inputs(
 
 
 def accumulate_gradients(
-    model, rows: list[dict], inputs: UpdateInputs, *, step: int, accelerator=None
+    model,
+    rows: list[dict],
+    inputs: UpdateInputs,
+    *,
+    step: int,
+    accelerator=None,
+    gold_seen: frozenset[str] = frozenset(),
 ) -> dict:
     """Forward + backward over ``rows`` in micro-batches (gradients accumulate; no optimizer step).
 
     Returns the summed loss, token counts and the objective's metrics averaged over micro-batches by
     rows. The caller clips, steps and zeroes (``apply_update``). ``step`` is 1-based, for error
-    messages only.
+    messages only. ``gold_seen``: prompts whose gold solution another process adds this step.
+
+    Under ``accelerate launch`` each process gets its slice of the global batch (equal sizes). Each
+    computes its additive share of the global batch's loss; DDP *averages* gradients over processes,
+    so the share is scaled by the number of processes before backward. The result is the gradient
+    and the metrics (summed over processes) of one process on the whole batch.
     """
     device = next(model.parameters()).device
+    world = accelerator.num_processes if accelerator is not None else 1
+    global_rows = len(rows) * world
     micro = [rows[i : i + inputs.micro_batch_size] for i in range(0, len(rows), inputs.micro_batch_size)]
     totals: dict[str, float] = {}
     loss_sum, tokens, response_tokens, gap_sum, drift = 0.0, 0, 0, 0.0, {}
-    seen_gold: set[str] = set()  # StableOPD: one gold solution per prompt per step
+    seen_gold = set(gold_seen)  # StableOPD: one gold solution per prompt per step
     for j, chunk in enumerate(micro):
         batch = collate(chunk, inputs.horizon, inputs.pad_id, inputs.topk).to(device)
         # Gradients are all-reduced once per step, on the last micro-batch.
@@ -87,9 +100,9 @@ def accumulate_gradients(
         with sync, autocast:
             loss, parts, token_batch = _micro_batch_loss(model, chunk, batch, inputs, seen_gold)
             if inputs.sample_reduction == "mean":
-                loss = loss * len(chunk) / len(rows)  # mean over the whole batch, not per micro-batch
+                loss = loss * len(chunk) / global_rows  # mean over the whole batch, not per micro-batch
             check_finite(loss, step, batch)
-            (accelerator.backward if accelerator is not None else torch.Tensor.backward)(loss)
+            (accelerator.backward if accelerator is not None else torch.Tensor.backward)(loss * world)
         valid = batch.mask > 0
         sums = drift_sums(
             token_batch.student_logprobs, batch.behavior_logprobs, batch.mask, inputs.trust_region
@@ -101,25 +114,31 @@ def accumulate_gradients(
         response_tokens += batch.num_tokens
         for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
             if k != "tokens":
-                totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
+                totals[k] = totals.get(k, 0.0) + v * len(chunk) / global_rows
+    counts = _all_ranks_sum(
+        accelerator,
+        {"loss": loss_sum, "tokens": tokens, "response_tokens": response_tokens, "gap": gap_sum},
+    )
     out = {
-        **totals,
+        **_all_ranks_sum(accelerator, totals),
         **drift_metrics(_all_ranks_sum(accelerator, drift)),
-        "loss": loss_sum,
-        "tokens": tokens,
-        "response_tokens": response_tokens,
+        "loss": counts["loss"],
+        "tokens": int(counts["tokens"]),
+        "response_tokens": int(counts["response_tokens"]),
     }
     if inputs.ratio_to_sampler:
-        out["sampler_logprob_gap"] = gap_sum / max(1, response_tokens)
+        out["sampler_logprob_gap"] = counts["gap"] / max(1, out["response_tokens"])
     return out
 
 
 def _all_ranks_sum(accelerator, sums: dict[str, float]) -> dict[str, float]:
-    """Drift sums over every process, so the drift metrics describe the global batch."""
+    """``sums`` added over every process, so metrics describe the global batch. Every process has the
+    same keys (same objective and flags); float64 keeps token counts and sums exact."""
     if accelerator is None or accelerator.num_processes == 1 or not sums:
         return sums
     keys = sorted(sums)
-    total = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(values, "sum")
     return dict(zip(keys, total.tolist()))
 
 
