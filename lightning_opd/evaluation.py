@@ -28,6 +28,10 @@ class EvalResult:
     samples_per_prompt: int
     mean_response_tokens: float
     trunc_rate: float
+    # What was actually run: the resolved verifier and the first prompt as the model saw it (after
+    # any chat template), so a report shows that a real job did not fall back to the toy's defaults.
+    verifier: str = ""
+    prompt_example: str = ""
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()}}
@@ -110,6 +114,8 @@ def evaluate_model(
         samples_per_prompt=samples,
         mean_response_tokens=sum(lengths) / max(1, len(lengths)),
         trunc_rate=sum(truncated) / max(1, len(truncated)),
+        verifier=verifier,
+        prompt_example=tokenizer.decode(prompt_ids[0]) if prompt_ids else "",
     )
 
 
