@@ -2,7 +2,8 @@
 
     lopd sft --teacher runs/teacher --student runs/student-init --prompts prompts/sft.jsonl --out runs/sft
 
-Writes into ``--out``: ``config.json`` (this job's config), ``sft_data.jsonl`` (the teacher's answers,
+Writes into ``--out``: ``sft_config.json`` (this job's config; ``config.json`` is the model's),
+``sft_data.jsonl`` (the teacher's answers,
 reusable), the fine-tuned student (``save_pretrained``), ``metrics.jsonl`` and
 ``lopd_provenance.json``, which records the teacher's identity: stage one refuses to score this
 student with any other teacher.
@@ -26,10 +27,12 @@ from lightning_opd.modeling import (
 )
 from lightning_opd.prompts import check_chat_template_mode, encode_prompt, load_prompts
 from lightning_opd.provenance import Provenance, write_provenance
-from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
+from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, refuse_several_processes, train_sft
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
+
+SFT_CONFIG_FILE = "sft_config.json"
 
 
 @dataclass
@@ -135,7 +138,9 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
 
 
 def run(config: SFTJobConfig, log=print) -> Path:
-    out = prepare_output_dir(config.out, config, overwrite=config.overwrite)
+    refuse_several_processes()  # before the teacher answers anything
+    # Not config.json: --out is also the student's model directory, whose save_pretrained writes that name.
+    out = prepare_output_dir(config.out, config, overwrite=config.overwrite, name=SFT_CONFIG_FILE)
     # Identity and tokenizer checks come first: a mismatch must fail before minutes of generation.
     teacher_id = model_identity(config.teacher)
     student_id = model_identity(config.student)

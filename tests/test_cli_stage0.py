@@ -50,12 +50,16 @@ def sft_run(tmp_path_factory, micro_teacher_dir, micro_student_dir, prompt_file)
 def test_sft_writes_model_data_and_provenance(sft_run, micro_teacher_dir, micro_student_dir):
     for name in (
         "config.json",
+        "sft_config.json",
         "sft_data.jsonl",
         "metrics.jsonl",
         "lopd_provenance.json",
         "tokenizer_config.json",
     ):
         assert (sft_run / name).exists(), name
+    # the job's config survives next to the model's own config.json (a rerun compares against it)
+    job = json.loads((sft_run / "sft_config.json").read_text())
+    assert job["steps"] == 3 and job["teacher"] == str(micro_teacher_dir)
     prov = read_provenance(sft_run)
     assert prov.stage == "sft"
     assert prov.sft_teacher["fingerprint"] == model_fingerprint(micro_teacher_dir)

@@ -164,8 +164,9 @@ def test_sft_used_gemma_the_template_and_the_math_verifier(sft_dir, gemma_dir):
     from lightning_opd.modeling import load_tokenizer
 
     provenance = json.loads((sft_dir / "lopd_provenance.json").read_text())
-    # (sft's own config.json is overwritten by the student's save_pretrained; provenance keeps the job config)
     assert provenance["config"]["verifier"] == "math" and provenance["config"]["chat_template"] == "always"
+    job = json.loads((sft_dir / "sft_config.json").read_text())
+    assert job["verifier"] == "math" and job["chat_template"] == "always"
     assert provenance["sft_teacher"]["path"] == str(gemma_dir.resolve())
     tokenizer = load_tokenizer(gemma_dir)
     rows = [json.loads(line) for line in (sft_dir / "sft_data.jsonl").read_text().splitlines()]

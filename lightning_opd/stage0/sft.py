@@ -8,6 +8,7 @@ mixed precision and ``accelerate launch`` come for free, nothing else is hidden.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from lightning_opd.config import check
+from lightning_opd.errors import ConfigError
 from lightning_opd.logprobs import (
     final_hidden_states,
     logit_postprocess,
@@ -97,6 +99,17 @@ def response_nll(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 102
     return -logprobs.mean()
 
 
+def refuse_several_processes() -> None:
+    """Stage zero runs in one process. Its chunked loss calls the decoder past the prepared model's
+    forward, so under DDP nothing would all-reduce and each process would train its own copy (stage
+    two wraps the same kernel in ``StudentScorer`` for that reason)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by accelerate launch / torchrun for each process
+        raise ConfigError(
+            "lopd sft runs in one process; start it without `accelerate launch` (stage zero is a short "
+            "job; for multi-GPU SFT of a large student, train on its sft_data.jsonl with your SFT trainer)"
+        )
+
+
 def train_sft(
     model,
     examples: list[SFTExample],
@@ -110,6 +123,7 @@ def train_sft(
     """Train ``model`` in place; returns the logged metrics (one dict per ``log_every`` steps)."""
     if not examples:
         raise ValueError("no SFT examples to train on")
+    refuse_several_processes()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
