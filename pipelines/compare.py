@@ -121,7 +121,10 @@ class CompareConfig:
         check(not unknown, f"unknown methods {unknown}; choose among {list(METHODS)}")
 
     def method_names(self) -> list[str]:
-        return list(METHODS) if self.methods == "all" else [m for m in self.methods.split(",") if m]
+        if self.methods != "all":
+            return [m for m in self.methods.split(",") if m]
+        # `all` includes the teacher-consistency control only where there is a second teacher
+        return [m for m in METHODS if m != "inconsistent" or self.toy or self.other_teacher]
 
 
 METHODS = tuple(method_grid(48, 40, "", 0))
