@@ -40,11 +40,6 @@ JOBS = {
         "run the method family on one SFT student and one store; results.csv + plot",
     ),
     "demo": ("pipelines.demo", "DemoConfig", "the whole pipeline on the embedded toy task"),
-    "teacher-consistency": (
-        "pipelines.teacher_consistency",
-        "ConsistencyConfig",
-        "toy finding: distil the demo's SFT student from its SFT teacher and from a second teacher",
-    ),
     "real-model": (
         "lightning_opd.real_model",
         "RealModelConfig",
