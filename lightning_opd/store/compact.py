@@ -8,7 +8,6 @@ encodes; readers decode, so stage two and every tool read it unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,20 @@ from lightning_opd.store.derive import (
     _register,
     _writer,
     check_output_dir,
-    derived_content_hash,
+    derived_header,
     read_checked_shard,
     source_record,
 )
 from lightning_opd.store.reader import open_store
 from storage_schemas import logprob_store_v1 as fmt
-from storage_schemas.logprob_store_v1 import LINEAGE_KEY
 
 
 def compact_header(
     manifest: fmt.Manifest, encoding: dict[str, Any], lineage_entry: dict[str, Any]
 ) -> dict[str, Any]:
     """The source's header with the encoding, a derived prompt_set hash (a new store_id) and the lineage."""
-    header = json.loads(json.dumps(manifest.header()))  # a deep copy, plain JSON
-    prompt_set = header["prompt_set"]
-    header["prompt_set"] = {
-        **prompt_set,
-        "content_hash": derived_content_hash("compact", [manifest.store_id], {"encoding": encoding}),
-        "parent_content_hash": prompt_set.get("parent_content_hash", prompt_set["content_hash"]),
-    }
+    header = derived_header(manifest, "compact", {"encoding": encoding}, lineage_entry)
     header["encoding"] = encoding
-    header["extra"] = {**(header.get("extra") or {}), LINEAGE_KEY: [lineage_entry]}
     return header
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,22 @@ def source_record(store: LogprobStore) -> dict[str, Any]:
 def derived_content_hash(op: str, source_ids: list[str], params: dict[str, Any]) -> str:
     """The prompt_set.content_hash of a derived store (the format's rule, ``fmt.derived_content_hash``)."""
     return fmt.derived_content_hash(op, source_ids, params)
+
+
+def derived_header(
+    manifest: fmt.Manifest, op: str, params: dict[str, Any], lineage_entry: dict[str, Any]
+) -> dict[str, Any]:
+    """The source's header for a store derived from it by ``op``: a prompt_set hash derived from the
+    source and ``params`` (so a new store_id), the parent's hash kept, and the lineage in extra."""
+    header = json.loads(json.dumps(manifest.header()))  # a deep copy, plain JSON
+    prompt_set = header["prompt_set"]
+    header["prompt_set"] = {
+        **prompt_set,
+        "content_hash": derived_content_hash(op, [manifest.store_id], params),
+        "parent_content_hash": prompt_set.get("parent_content_hash", prompt_set["content_hash"]),
+    }
+    header["extra"] = {**(header.get("extra") or {}), LINEAGE_KEY: [lineage_entry]}
+    return header
 
 
 def read_checked_shard(store: LogprobStore, index: int) -> pq.ParquetFile:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,13 @@ from lightning_opd.store.derive import (
     _register,
     _writer,
     check_output_dir,
-    derived_content_hash,
+    derived_header,
     read_checked_shard,
     source_record,
 )
 from lightning_opd.store.reader import LogprobStore, open_store
 from lightning_opd.store.stream import DROP_REASONS, RowFilter
 from storage_schemas import logprob_store_v1 as fmt
-from storage_schemas.logprob_store_v1 import (
-    LINEAGE_KEY,
-)
 
 
 @dataclass
@@ -80,17 +76,7 @@ class FilterSpec:
 
 def filter_header(manifest: fmt.Manifest, spec: FilterSpec, lineage_entry: dict[str, Any]) -> dict[str, Any]:
     """The source's header with a derived prompt_set hash (a new store_id) and the lineage in extra."""
-    header = json.loads(json.dumps(manifest.header()))  # a deep copy, plain JSON
-    prompt_set = header["prompt_set"]
-    header["prompt_set"] = {
-        **prompt_set,
-        "content_hash": derived_content_hash("filter", [manifest.store_id], to_dict(spec)),
-        "parent_content_hash": prompt_set.get("parent_content_hash", prompt_set["content_hash"]),
-    }
-    extra = dict(header.get("extra") or {})
-    extra[LINEAGE_KEY] = [lineage_entry]
-    header["extra"] = extra
-    return header
+    return derived_header(manifest, "filter", to_dict(spec), lineage_entry)
 
 
 def _filter_shard(
