@@ -225,7 +225,8 @@ def add_dataclass_args(parser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        helptext = f.metadata.get("help", "")
+        # argparse %-formats help strings (for %(default)s): a literal "95%" would crash --help.
+        helptext = f.metadata.get("help", "").replace("%", "%%")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
         extra = {k: f.metadata[k] for k in ("nargs", "choices") if k in f.metadata}
         if f.metadata.get("positional"):
@@ -241,7 +242,7 @@ def add_dataclass_args(parser, cls) -> None:
             type=kind,
             default=default,
             required=required,
-            help=f"{helptext} (default: {default})",
+            help=f"{helptext} (default: {str(default).replace('%', '%%')})",
             **extra,
         )
 

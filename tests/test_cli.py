@@ -48,3 +48,13 @@ def test_store_commands_parse_positionals_lists_and_choices():
         parser.parse_args(["store", "export", "s", "d", "--to", "csv"])
     with pytest.raises(SystemExit):
         parser.parse_args(["store", "filter", "s"])  # --out is required
+
+
+@pytest.mark.parametrize("command", sorted(JOBS) + [f"store {c}" for c in sorted(store_tools.COMMANDS)])
+def test_every_help_page_renders(command, capsys):
+    # argparse %-formats help text: one literal "%" in a field's help (e.g. "95% CI") crashed --help.
+    argv = command.split()
+    with pytest.raises(SystemExit) as done:
+        build_parser(argv[0]).parse_args([*argv, "--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
