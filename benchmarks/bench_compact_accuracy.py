@@ -5,7 +5,7 @@
 Per seed, `lopd demo`'s stages with its defaults: prompt sets, SFT student, store (float32), then
 `lopd store compact` of that store, and the default stage two (sampled-token objective, trust
 region 0.2) from the same SFT student on each store; greedy accuracy on the 500 held-out problems.
-Prints accuracies and the paired difference (compact - float32) per seed and their mean.
+Prints accuracies and the paired difference (compact - float32) per seed, then each as mean ± 95% CI.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from lightning_opd.prompts import load_prompts
+from lightning_opd.stats import mean_ci
 from lightning_opd.store import tools
 from pipelines import demo
 
@@ -48,8 +49,8 @@ def main() -> None:
         print(
             f"{r['seed']:>4} {r['sft']:>7.1%} {r['float32']:>8.1%} {r['compact']:>8.1%} {100 * r['diff']:>+7.1f}"
         )
-    mean = sum(r["diff"] for r in rows) / len(rows)
-    print(f"mean paired difference: {100 * mean:+.2f} points over {len(rows)} seed(s)")
+    for name in ("sft", "float32", "compact", "diff"):
+        print(f"{name:>8}: {mean_ci(r[name] for r in rows).format()} points (mean ± 95% CI over {len(rows)} seed(s))")
 
 
 if __name__ == "__main__":
