@@ -50,7 +50,9 @@ def main() -> None:
             f"{r['seed']:>4} {r['sft']:>7.1%} {r['float32']:>8.1%} {r['compact']:>8.1%} {100 * r['diff']:>+7.1f}"
         )
     for name in ("sft", "float32", "compact", "diff"):
-        print(f"{name:>8}: {mean_ci(r[name] for r in rows).format()} points (mean ± 95% CI over {len(rows)} seed(s))")
+        print(
+            f"{name:>8}: {mean_ci(r[name] for r in rows).format()} points (mean ± 95% CI over {len(rows)} seed(s))"
+        )
 
 
 if __name__ == "__main__":
