@@ -11,6 +11,11 @@ gather, the code one writes first), on the same model, batch and tokens:
            (``lightning``); ``stage2-topk`` the same with the ``topk`` objective (student log-probs
            at the teacher's top-k ids)
   sft      one stage-zero step: ``stage0.sft.response_nll`` + backward
+  embedding  a reference, the same for ours and naive: a step whose loss reads only the input
+           embedding (``embed(ids).square().mean()`` + backward). It shows the V x H fp32 gradient
+           that autograd allocates for the (tied) embedding before adding it into ``.grad``: every
+           PyTorch training step pays it, whatever its loss, and it grows with the vocabulary like
+           the weights do. "minus embedding" rows subtract it from the training paths.
 
 What is measured is the peak *activation* memory: the peak above what is held once the model is
 built and, for the training paths, once one warm-up step has allocated the gradients and the AdamW
@@ -43,7 +48,8 @@ from lightning_opd.stage2.batch import collate  # noqa: E402
 from lightning_opd.stage2.objectives import TokenBatch, make_objective  # noqa: E402
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients  # noqa: E402
 
-PATHS = ("stage2", "sft", "scoring", "stage2-topk")
+PATHS = ("stage2", "sft", "scoring", "stage2-topk", "embedding")
+TRAINING_PATHS = ("stage2", "sft", "stage2-topk")
 TOPK = 8
 
 
@@ -143,6 +149,8 @@ def run_case(path: str, impl: str, vocab: int, args) -> int:
     sft_batch = {k: v.to(args.device) for k, v in collate_sft(examples, 0).items()}
 
     def step(which_rows, which_sft):
+        if path == "embedding":  # the same for ours and naive: see the module docstring
+            return model.get_input_embeddings()(which_sft["input_ids"]).float().square().mean().backward()
         if path == "scoring":
             if impl == "naive":
                 return naive_scoring(model, which_rows, args)
@@ -256,6 +264,13 @@ def main() -> None:
         if len(impls) == 2:
             cells = "".join(f"{impls['ours'][v] / max(impls['naive'][v], 1e-9):9.2f}x" for v in args.vocabs)
             print(f"{'':12s} {'ours/naive':6s}{cells[4:]}")
+    if "embedding" in table:
+        # What the training paths hold above the embedding's own gradient transient.
+        ref = table["embedding"]["ours" if "ours" in table["embedding"] else "naive"]
+        for path in (p for p in TRAINING_PATHS if p in table and "ours" in table[path]):
+            row = {v: table[path]["ours"][v] - ref[v] for v in args.vocabs}
+            cells = "".join(f"{row[v]:9.1f}" for v in args.vocabs)
+            print(f"{path:12s} {'ours':6s}{cells} {row[hi] / max(row[lo], 1e-9):8.2f}x  minus embedding")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "mib": table}, indent=1))
