@@ -1,11 +1,14 @@
 """What the compact (16-bit) log-prob encoding costs stage two on the toy task, paired per seed.
 
     LOPD_CACHE=.cache/lightning-opd .venv/bin/python benchmarks/bench_compact_accuracy.py [--seeds 3]
+        [--objective topk --topk-scale 32]
 
 Per seed, `lopd demo`'s stages with its defaults: prompt sets, SFT student, store (float32), then
 `lopd store compact` of that store, and the default stage two (sampled-token objective, trust
 region 0.2) from the same SFT student on each store; greedy accuracy on the 500 held-out problems.
 Prints accuracies and the paired difference (compact - float32) per seed, then each as mean ± 95% CI.
+``--objective topk`` trains the top-k objective instead (the one that reads the top-k columns), and
+``--topk-scale N`` compacts with the format 1.3 compact top-k (`lopd store compact --topk-scale N`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workdir", default="runs/bench-compact")
+    parser.add_argument("--objective", choices=("lightning", "topk"), default="lightning")
+    parser.add_argument("--topk-scale", type=int, default=0, help="0: 1.2 compact; N: 1.3 compact top-k")
     args = parser.parse_args()
-    config = demo.DemoConfig(workdir=args.workdir, objectives="lightning")
+    config = demo.DemoConfig(workdir=args.workdir, objectives=args.objective)
     teacher = demo.toy_teacher(config, print)
     rows = []
     for seed in range(args.seeds):
@@ -34,12 +39,18 @@ def main() -> None:
         records = load_prompts(prompts["eval"])
         student = demo.stage_zero(config, teacher, work, prompts, seed, print)
         store = demo.stage_one(config, teacher, student, work, prompts, seed, print)
-        compact = work / "store-compact"
+        suffix = f"-topk{args.topk_scale}" if args.topk_scale else ""
+        compact = work / f"store-compact{suffix}"
         if not (compact / "manifest.json").exists():
-            tools.compact_store(store, compact, allow_duplicate=True)
+            tools.compact_store(store, compact, allow_duplicate=True, topk_scale=args.topk_scale or None)
         row = {"seed": seed, "sft": demo._accuracy(student, records, config.horizon)}
-        for name, source, where in (("float32", store, work), ("compact", compact, work / "compact")):
-            final = demo.stage_two(config, "lightning", student, teacher, source, where, prompts, seed, print)
+        for name, source, where in (
+            ("float32", store, work),
+            ("compact", compact, work / f"compact{suffix}"),
+        ):
+            final = demo.stage_two(
+                config, args.objective, student, teacher, source, where, prompts, seed, print
+            )
             row[name] = demo._accuracy(final, records, config.horizon)
         row["diff"] = row["compact"] - row["float32"]
         rows.append(row)

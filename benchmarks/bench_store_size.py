@@ -7,7 +7,10 @@ column chunks (Parquet footer metadata) per response token. "sampled-token" is e
 the top-k ones: the size the store would have without --topk (each column chunk is compressed on its
 own, so the sum is exact). "files" adds the shard footers (a few KB each: they dominate tiny stores). ``--variants`` rewrites each store's data in memory under
 other encodings (float32 / fixed16 / float16 log-probs; BYTE_STREAM_SPLIT, dictionary or DELTA
-encodings of token ids; zstd levels) and prints their sizes and the largest log-prob error.
+encodings of token ids; zstd levels) and prints their sizes and the largest log-prob error; then, for
+a top-k store, other layouts of the two top-k columns (rank order vs ids sorted as gaps, an explicit
+rank permutation, coarser top-k steps; the format's 1.3 compact top-k among them) with the largest
+top-k log-prob error of each.
 """
 
 from __future__ import annotations
@@ -144,6 +147,115 @@ def variants(root: Path) -> None:
         )
 
 
+def _topk_leaves(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(outer offsets, inner offsets, ids [n, k], log-probs [n, k]) of a table without null top-k rows."""
+    outer, inner, ids, logprobs, _ = fmt._topk_lists(table)
+    return outer, inner, ids.reshape(-1, k).astype(np.int64), logprobs.reshape(-1, k).astype(np.float64)
+
+
+def _rank_deltas(codes: np.ndarray) -> np.ndarray:
+    """[n, k] codes -> rank 1's code, then differences from the previous rank mod 2^16 (the 1.2 layout)."""
+    out = codes.copy()
+    out[:, 1:] = np.diff(codes, axis=1)
+    return (out % 2**16).astype(np.uint16)
+
+
+def topk_layouts(table: pa.Table, k: int) -> list[tuple[str, dict[str, pa.Array], str, float]]:
+    """Other layouts of the top-k columns: (name, columns replacing them, id encoding, max |error|)."""
+    outer, inner, ids, lp = _topk_leaves(table, k)
+
+    def nested(values: np.ndarray, leaf: pa.DataType) -> pa.Array:
+        return fmt._nested(outer, inner, values.ravel(), leaf, None)
+
+    def codes(scale: int) -> np.ndarray:
+        return np.clip(np.rint(-lp * scale), 0, fmt.FIXED16_MAX_CODE).astype(np.int64)
+
+    def error(scale: int) -> float:
+        return float(np.abs(-codes(scale) / scale - lp).max())
+
+    order = np.argsort(ids, axis=1, kind="stable")  # sorted slot j holds rank order[j]
+    sorted_ids = np.take_along_axis(ids, order, 1)
+    gaps = sorted_ids.copy()
+    gaps[:, 1:] = np.diff(sorted_ids, axis=1)
+    rank_ids = nested(ids.astype(np.int32), pa.int32())
+    layouts = []
+    for scale in (2048, 256, 64, 32):
+        name = (
+            "rank order, fixed16 rank deltas (1.2)" if scale == 2048 else f"rank order, 1/{scale} rank deltas"
+        )
+        values = nested(_rank_deltas(codes(scale)), pa.uint16())
+        layouts.append(
+            (name, {"teacher_topk_ids": rank_ids, "teacher_topk_logprobs": values}, "split", error(scale))
+        )
+    values = nested(_rank_deltas(codes(2048)), pa.uint16())
+    layouts.append(
+        (
+            "rank order, ids PLAIN",
+            {"teacher_topk_ids": rank_ids, "teacher_topk_logprobs": values},
+            "plain",
+            error(2048),
+        )
+    )
+    layouts.append(
+        (
+            "rank order, 1/32, ids PLAIN",
+            {
+                "teacher_topk_ids": rank_ids,
+                "teacher_topk_logprobs": nested(_rank_deltas(codes(32)), pa.uint16()),
+            },
+            "plain",
+            error(32),
+        )
+    )
+    for scale in (2048, 32):
+        columns = {
+            "teacher_topk_ids": nested(gaps.astype(np.int32), pa.int32()),
+            "teacher_topk_logprobs": nested(_rank_deltas(codes(scale)), pa.uint16()),
+            "topk_rank": nested(order.astype(np.uint8), pa.uint8()),  # the rank order, stored explicitly
+        }
+        layouts.append(
+            (f"sorted gaps + rank permutation, 1/{scale} rank deltas", columns, "split", error(scale))
+        )
+    for scale in (2048, 256, 64, 32, 16):
+        encoded = fmt.encode_table(
+            table.select(list(fmt.TOPK_COLUMNS)), fmt.fixed16_encoding(topk_scale=scale)
+        )
+        columns = {name: encoded.column(name).combine_chunks() for name in fmt.TOPK_COLUMNS}
+        layouts.append((f"1.3 compact top-k, topk_scale {scale}", columns, "split", error(scale)))
+    return layouts
+
+
+def topk_variants(root: Path) -> None:
+    store = open_store(root)
+    if not store.topk:
+        return
+    table = pa.Table.from_batches(list(store.iter_batches()), schema=store.schema)
+    table = table.filter(pc.is_valid(table.column("teacher_topk_ids")))
+    tokens = store.num_tokens
+    base = fmt.encode_table(table, fmt.fixed16_encoding())  # sampled-token columns as 1.2 compact stores them
+    rest = base.drop_columns(list(fmt.TOPK_COLUMNS))
+    print(
+        f"\n{root}: top-k layouts on fixed16 stores (bytes per response token; max |error| of top-k log-probs)"
+    )
+    print(f"  {'layout':<50} {'total':>7} {'top-k':>7} {'ids':>6} {'values':>7} {'max err':>9}")
+    for name, columns, ids, error in topk_layouts(table, store.topk):
+        data = rest
+        for column, array in columns.items():
+            data = data.append_column(column, pa.chunked_array([array]))
+        options = _options(data.schema, ids="BYTE_STREAM_SPLIT", level=1)
+        if ids == "plain":
+            split = options["use_byte_stream_split"]
+            options["use_byte_stream_split"] = [p for p in split if not p.startswith("teacher_topk_ids.")]
+            options["column_encoding"] = {p: "PLAIN" for p in split if p.startswith("teacher_topk_ids.")}
+        sizes = _size(data, options)
+        topk = sum(v for c, v in sizes.items() if c in columns)
+        id_bytes = sizes["teacher_topk_ids"] + sizes.get("topk_rank", 0)
+        print(
+            f"  {name:<50} {sum(v for c, v in sizes.items() if c != '_file') / tokens:>7.2f} {topk / tokens:>7.2f} "
+            f"{id_bytes / tokens:>6.2f} {sizes['teacher_topk_logprobs'] / tokens:>7.2f} {error:>9.2e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+", type=Path)
@@ -153,6 +265,7 @@ def main() -> None:
         store_report(root)
         if args.variants:
             variants(root)
+            topk_variants(root)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from lightning_opd.stage1.build import (
 from lightning_opd.store import open_store
 from lightning_opd.store.files import file_lock
 from lightning_opd.verifiers import check_verifier
+from storage_schemas import logprob_store_v1 as fmt
 from storage_schemas.logprob_store_v1 import (
     LOCKS_DIR,
     ROLLOUTS_SUBDIR,
@@ -132,6 +133,14 @@ class ScoreConfig:
             "[-32, 0], clamped below; about half the bytes)"
         },
     )
+    compact_topk_scale: int = field(
+        default=0,
+        metadata={
+            "help": "also compact the top-k (format 1.3; implies --compact-logprobs): ids sorted and stored "
+            "as gaps, top-k log-probs in steps of 1/N nats (error <= 1/(2N)); N a power of two <= 2048, "
+            f"e.g. {fmt.SUGGESTED_TOPK_SCALE}; 0 = off"
+        },
+    )
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
     shard_index: int = 0
@@ -155,6 +164,13 @@ class ScoreConfig:
 
     def __post_init__(self):
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
+        if self.compact_topk_scale:
+            check(self.topk > 0, "--compact-topk-scale compacts the top-k columns: it needs --topk > 0")
+            encoding = fmt.fixed16_encoding(topk_scale=self.compact_topk_scale)
+            check(
+                not fmt.encoding_problems(encoding),
+                f"--compact-topk-scale: {fmt.encoding_problems(encoding)}",
+            )
         check(
             self.scoring_backend in SCORING_BACKENDS,
             f"scoring_backend must be one of {SCORING_BACKENDS}, got {self.scoring_backend!r}",
@@ -183,6 +199,7 @@ class PrecomputeConfig(RolloutConfig):
     allow_duplicate: bool = False
     scoring_backend: str = "transformers"
     compact_logprobs: bool = False
+    compact_topk_scale: int = 0
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
     # The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine.
@@ -216,6 +233,7 @@ class PrecomputeConfig(RolloutConfig):
             allow_duplicate=self.allow_duplicate,
             scoring_backend=self.scoring_backend,
             compact_logprobs=self.compact_logprobs,
+            compact_topk_scale=self.compact_topk_scale,
             max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size,
             **{f"scoring_{name}": getattr(self, f"scoring_{name}") for name in ENGINE_FIELDS},

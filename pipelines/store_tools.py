@@ -12,7 +12,8 @@
                       [--min-reward R] [--drop-truncated] [--drop-repetitive] [--drop-empty]
                                                 a NEW store of the rollouts that pass (lineage in the manifest)
     lopd store merge A B [C ...] --out DST      one NEW store from compatible scored stores
-    lopd store compact SRC --out DST           a NEW store with 16-bit log-probs (format 1.2; error in the manifest)
+    lopd store compact SRC --out DST           a NEW store with 16-bit log-probs (format 1.2; error in the manifest;
+                                               --topk-scale 32: also sorted top-k ids and coarser top-k, 1.3)
     lopd store export SRC --to hf|parquet DST   a Hugging Face datasets dir, or plain Parquet + manifest + README
     lopd store diff A B [--all] [--json]        what differs between two stores' manifests
     lopd store list [--cache DIR] [--json]      the store index (content id -> path); `register DIR` adds one
@@ -111,6 +112,11 @@ class CompactConfig:
     out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
     cache: str | None = _opt(CACHE_HELP)
     allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
+    topk_scale: int = _opt(
+        "also compact the top-k (format 1.3): ids sorted and stored as gaps, top-k log-probs in steps of "
+        f"1/N nats (error <= 1/(2N)); N a power of two, e.g. {fmt.SUGGESTED_TOPK_SCALE}; 0 = keep 1.2's top-k",
+        0,
+    )
 
 
 @dataclass
@@ -227,7 +233,11 @@ def run_merge(config: MergeConfig) -> int:
 def run_compact(config: CompactConfig) -> int:
     with exclusive_output(config.out, _busy(config.out)):
         tools.compact_store(
-            config.store, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
+            config.store,
+            config.out,
+            cache_dir=config.cache,
+            allow_duplicate=config.allow_duplicate,
+            topk_scale=config.topk_scale or None,
         )
     return 0
 

@@ -85,7 +85,12 @@ VERSIONING = f"""\
 - Adding a field to `IDENTITY_FIELDS` changes every store_id: that is a major change.
 - History: 1.0, the first format; 1.1 added the optional `sampling_logprobs` column and the
   manifest's `sampling.sampling_logprobs` (1.0 stores lack both and are read as they are; training
-  then has no sampling-distribution log-probs, and stores with and without the column do not merge).
+  then has no sampling-distribution log-probs, and stores with and without the column do not merge);
+  1.2 added the optional compact encoding (manifest `encoding`: 16-bit log-probs); 1.3 added its
+  optional compact top-k (`encoding.topk_scale`: sorted ids as gaps, coarser top-k log-probs). An
+  encoding changes what columns mean, so it is the exception to "ignore what you do not know": a
+  release refuses an `encoding` it does not know exactly (a 1.2 release refuses a 1.3 compact top-k
+  store) rather than misread its columns.
 """
 
 

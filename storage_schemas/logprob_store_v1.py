@@ -33,9 +33,12 @@ from lightning_opd.config import from_dict, to_dict
 from lightning_opd.errors import StoreError, StoreVersionError
 
 FORMAT_NAME = "lightning-opd-logprob-store"
-FORMAT_VERSION = "1.2"  # major.minor: a new major breaks readers, a new minor only adds
+FORMAT_VERSION = "1.3"  # major.minor: a new major breaks readers, a new minor only adds
 # 1.1 added the optional sampling_logprobs column (1.0 stores lack it and stay readable).
 # 1.2 added the optional compact log-prob encoding (manifest ``encoding``; 1.0/1.1 stores have none).
+# 1.3 added the optional compact top-k layout (``encoding.topk_scale``): sorted ids stored as gaps and
+# coarser top-k log-probs. A 1.2 reader refuses such a manifest (its ``encoding`` check wants the exact
+# 1.2 section) instead of misreading the columns; 1.3 stores without it read as 1.2 stores do.
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
@@ -208,6 +211,18 @@ def describe_format() -> str:
         f"`{json.dumps(fixed16_encoding())}`. Outside [min_logprob, 0] a value is clamped (the error bound "
         "holds only inside the range). Readers decode transparently; a store is compact or not as a whole. "
         "`encoding` joins the store's identity only when set, so older stores keep their ids.",
+        "",
+        "Compact top-k (format 1.3+, opt-in on top of the above: `--compact-topk-scale N`, `lopd store compact "
+        "--topk-scale N`): `teacher_topk_ids` holds each position's ids sorted ascending as the first id, then "
+        "the gaps to the previous id; `teacher_topk_logprobs` holds their log-probs in that id order as "
+        "`uint16` codes at the coarser `topk_scale` (value = -code / topk_scale, |error| <= "
+        "`topk_max_abs_error` = 0.5 / topk_scale). The rank order is not stored: readers sort each position "
+        "by decreasing decoded log-prob, ties by increasing id, so entries whose codes tie may come back in "
+        "another order than written (the top-k objectives are sums over the k entries and do not see it). "
+        "With N = 32: "
+        f"`{json.dumps({k: v for k, v in fixed16_encoding(topk_scale=SUGGESTED_TOPK_SCALE).items() if k.startswith('topk')})}`"
+        " (other keys as above). A 1.2 reader refuses such a manifest; a 1.3 store without `topk_scale` "
+        "is read by 1.2 as before.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -313,6 +328,18 @@ def commit_file(part: int) -> str:
 # Top-k log-probs come sorted (rank 1 first), so neighbouring codes are close: each position's codes
 # are stored as rank 1's code, then differences from the previous rank (mod 2^16, lossless whatever
 # the order). On Gemma-3-270M's top-20 this takes them from 38.7 to 29.5 bytes per response token.
+#
+# Compact top-k (format 1.3+, opt-in on top of fixed16: ``topk_scale``, `--compact-topk-scale`). The
+# ids of a top-k list are a set plus an order, and the order is already in the log-probs (rank r has
+# the r-th largest), so storing both in rank order pays for the order twice (~log2(k!) bits, 7.6 B at
+# k = 20). Instead each position's ids are sorted ascending and stored as the first id, then the
+# (positive) gaps; its log-probs follow in that id order as codes at the coarser ``topk_scale``
+# (|error| <= 0.5 / topk_scale nats). Readers restore rank order by sorting on the decoded log-prob
+# (ties: smaller id first), so only the order among entries whose codes tie is not kept; every
+# consumer (the top-k objectives' sums and log-sum-exps over k) ignores that order. Why a coarser step
+# is acceptable: scorers run in bf16 on GPUs (modeling.default_dtype), and Gemma-3-270M in bf16 moves
+# its own top-20 log-probs from fp32's by a median 0.063 nats, 4x the 1/64 of topk_scale 32. Measured
+# on its top-20 (BENCHMARKS.md): top-k columns 54.8 -> 33.3 bytes per response token (1.2 -> 1.3).
 
 LOGPROB_COLUMNS = ("behavior_logprobs", SAMPLING_COLUMN, "teacher_logprobs", "teacher_topk_logprobs")
 ENCODING_FIXED16 = "fixed16"
@@ -320,9 +347,12 @@ FIXED16_SCALE = 2048
 FIXED16_MAX_CODE = 2**16 - 1
 
 
-def fixed16_encoding(scale: int = FIXED16_SCALE) -> dict[str, Any]:
-    """The manifest ``encoding`` section of a compact store."""
-    return {
+SUGGESTED_TOPK_SCALE = 32  # |error| <= 1/64 nats on the top-k log-probs (see above)
+
+
+def fixed16_encoding(scale: int = FIXED16_SCALE, topk_scale: int | None = None) -> dict[str, Any]:
+    """The manifest ``encoding`` section of a compact store (``topk_scale``: the 1.3 compact top-k)."""
+    encoding = {
         "logprobs": ENCODING_FIXED16,
         "scale": scale,
         "min_logprob": -FIXED16_MAX_CODE / scale,
@@ -330,6 +360,21 @@ def fixed16_encoding(scale: int = FIXED16_SCALE) -> dict[str, Any]:
         "below_min": "clamped to min_logprob",
         "teacher_topk_logprobs": "per position: rank 1's code, then differences from the previous rank mod 2^16",
     }
+    if topk_scale is None:
+        return encoding  # exactly the 1.2 section: such stores stay readable by 1.2
+    return {
+        **encoding,
+        "teacher_topk_ids": "per position sorted ascending: the first id, then differences from the previous id",
+        "teacher_topk_logprobs": "per position in teacher_topk_ids' (ascending id) order, codes at topk_scale",
+        "topk_scale": topk_scale,
+        "topk_min_logprob": -FIXED16_MAX_CODE / topk_scale,
+        "topk_max_abs_error": 0.5 / topk_scale,
+        "topk_order": "read back by decreasing decoded log-prob, ties by increasing id",
+    }
+
+
+def _power_of_two(value: Any, high: int) -> bool:
+    return _is_int(value) and 1 <= value <= high and value & (value - 1) == 0
 
 
 def encoding_problems(encoding: Any) -> list[str]:
@@ -341,11 +386,14 @@ def encoding_problems(encoding: Any) -> list[str]:
             f"encoding must be None or {{logprobs: {ENCODING_FIXED16!r}, scale: ...}}, got {encoding!r:.80}; "
             "a newer lightning-opd may know it (pip install -U lightning-opd)"
         ]
-    scale = encoding.get("scale")
-    if not (_is_int(scale) and scale >= 1 and scale & (scale - 1) == 0):
+    scale, topk_scale = encoding.get("scale"), encoding.get("topk_scale")
+    if not _power_of_two(scale, FIXED16_MAX_CODE):
         return [f"encoding.scale must be a power of two (decoding is then exact), got {scale!r}"]
-    if encoding != fixed16_encoding(scale):
-        return [f"encoding {encoding} does not match its scale's {fixed16_encoding(scale)} (edited by hand?)"]
+    if topk_scale is not None and not _power_of_two(topk_scale, scale):
+        return [f"encoding.topk_scale must be a power of two <= scale {scale}, got {topk_scale!r}"]
+    expected = fixed16_encoding(scale, topk_scale)
+    if encoding != expected:
+        return [f"encoding {encoding} does not match its scales' {expected} (edited by hand?)"]
     return []
 
 
@@ -408,7 +456,7 @@ def _transcode(
     columns = []
     for name in data.schema.names:
         column = data.column(name)
-        if name in LOGPROB_COLUMNS:
+        if name in fns:
             fn = fns[name]
             target = schema.field(name).type
             if isinstance(column, pa.ChunkedArray):
@@ -432,6 +480,91 @@ def _logprob_schema(data: pa.Table | pa.RecordBatch, leaf: pa.DataType) -> pa.Sc
     return pa.schema(fields)
 
 
+def _topk_lists(
+    data: pa.Table | pa.RecordBatch,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """The two top-k columns as (outer offsets, inner offsets, ids, log-prob leaves, outer null mask);
+    offsets start at 0 whatever the slicing or chunking, and both columns must share their shape."""
+    arrays = []
+    for name in TOPK_COLUMNS:
+        column = data.column(name)
+        arrays.append(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    ids, logprobs = arrays
+    shapes = []
+    for array in arrays:
+        inner = pc.list_flatten(array)  # skips null rows, honours slicing
+        outer_lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+        inner_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+        shapes.append((outer_lengths, inner_lengths, pc.list_flatten(inner).to_numpy(zero_copy_only=False)))
+    (outer, inner, id_leaves), (outer_lp, inner_lp, lp_leaves) = shapes
+    if not (np.array_equal(outer, outer_lp) and np.array_equal(inner, inner_lp)):
+        raise StoreError("teacher_topk_ids and teacher_topk_logprobs differ in shape; cannot (de)code top-k")
+    mask = ids.is_null() if ids.null_count else None
+    offsets = [np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (outer, inner)]
+    return offsets[0], offsets[1], id_leaves, lp_leaves, mask
+
+
+def _nested(
+    outer: np.ndarray, inner: np.ndarray, leaves: np.ndarray, leaf: pa.DataType, mask: Any
+) -> pa.Array:
+    lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(leaves, leaf), type=_list_of(leaf))
+    return pa.ListArray.from_arrays(pa.array(outer), lists, type=_list_of(_list_of(leaf)), mask=mask)
+
+
+def _with_topk(data: pa.Table | pa.RecordBatch, ids: pa.Array, logprobs: pa.Array):
+    for name, array in zip(TOPK_COLUMNS, (ids, logprobs)):
+        i = data.schema.get_field_index(name)
+        field = data.schema.field(i).with_type(array.type)
+        data = data.set_column(i, field, pa.chunked_array([array]) if isinstance(data, pa.Table) else array)
+    return data
+
+
+def _sorted_topk_encode(data: pa.Table | pa.RecordBatch, topk_scale: int):
+    """float32 top-k in rank order -> per position: ascending ids as first id + gaps, codes in id order."""
+    outer, inner, ids, logprobs, mask = _topk_lists(data)
+    position = np.repeat(np.arange(len(inner) - 1), np.diff(inner))
+    order = np.lexsort((ids, position))  # by position, then id
+    ids, codes = ids[order].astype(np.int64), encode_logprobs(logprobs[order], topk_scale)
+    gaps = ids.copy()
+    gaps[1:] -= ids[:-1]
+    starts = inner[:-1][np.diff(inner) > 0]
+    gaps[starts] = ids[starts]
+    return _with_topk(
+        data,
+        _nested(outer, inner, gaps.astype(np.int32), pa.int32(), mask),
+        _nested(outer, inner, codes, pa.uint16(), mask),
+    )
+
+
+def _sorted_topk_decode(data: pa.Table | pa.RecordBatch, topk_scale: int):
+    """Inverse of ``_sorted_topk_encode`` up to the order among tied codes: rank order by decreasing
+    decoded log-prob, ties by increasing id."""
+    outer, inner, gaps, codes, mask = _topk_lists(data)
+    position = np.repeat(np.arange(len(inner) - 1), np.diff(inner))
+    sums = np.cumsum(gaps.astype(np.int64))
+    before = np.concatenate([[0], sums])[inner[:-1]]  # the running sum before each position's first gap
+    ids = sums - np.repeat(before, np.diff(inner))
+    logprobs = decode_logprobs(codes, topk_scale)
+    order = np.lexsort((ids, -logprobs, position))  # by position, then decreasing log-prob, then id
+    return _with_topk(
+        data,
+        _nested(outer, inner, ids[order].astype(np.int32), pa.int32(), mask),
+        _nested(outer, inner, logprobs[order], pa.float32(), mask),
+    )
+
+
+def sorted_topk(encoding: dict[str, Any] | None) -> bool:
+    """Whether ``encoding`` stores top-k sorted by id (format 1.3): then the two top-k columns decode together."""
+    return encoding is not None and encoding.get("topk_scale") is not None
+
+
+def columns_to_read(columns: list[str], encoding: dict[str, Any] | None) -> list[str]:
+    """``columns`` plus what decoding them needs: under a sorted top-k, either top-k column needs both."""
+    if sorted_topk(encoding) and any(c in columns for c in TOPK_COLUMNS):
+        return [*columns, *(c for c in TOPK_COLUMNS if c not in columns)]
+    return list(columns)
+
+
 def encode_table(table: pa.Table, encoding: dict[str, Any] | None) -> pa.Table:
     """A float32 store table as stored under ``encoding`` (unchanged when None)."""
     if encoding is None:
@@ -439,16 +572,23 @@ def encode_table(table: pa.Table, encoding: dict[str, Any] | None) -> pa.Table:
     scale = encoding["scale"]
     fns: dict[str, LeafFn] = {name: lambda v, _: encode_logprobs(v, scale) for name in LOGPROB_COLUMNS}
     fns["teacher_topk_logprobs"] = lambda v, offsets: _delta_encode(encode_logprobs(v, scale), offsets)
+    if sorted_topk(encoding) and "teacher_topk_ids" in table.column_names:
+        table = _sorted_topk_encode(table, encoding["topk_scale"])
+        del fns["teacher_topk_logprobs"]  # already codes
     return _transcode(table, _logprob_schema(table, pa.uint16()), fns)
 
 
 def decode_batch(data: pa.RecordBatch | pa.Table, encoding: dict[str, Any] | None):
-    """Shard data as read from disk -> float32 log-probs (unchanged when ``encoding`` is None)."""
+    """Shard data as read from disk -> float32 log-probs (unchanged when ``encoding`` is None). Under a
+    sorted top-k (``sorted_topk``) both top-k columns must be present (``columns_to_read``)."""
     if encoding is None:
         return data
     scale = encoding["scale"]
     fns: dict[str, LeafFn] = {name: lambda c, _: decode_logprobs(c, scale) for name in LOGPROB_COLUMNS}
     fns["teacher_topk_logprobs"] = lambda c, offsets: decode_logprobs(_delta_decode(c, offsets), scale)
+    if sorted_topk(encoding) and any(c in data.schema.names for c in TOPK_COLUMNS):
+        data = _sorted_topk_decode(data, encoding["topk_scale"])
+        del fns["teacher_topk_logprobs"]  # already float32
     return _transcode(data, _logprob_schema(data, pa.float32()), fns)
 
 
@@ -456,10 +596,12 @@ def count_clamped(table: pa.Table, encoding: dict[str, Any] | None) -> int:
     """Log-prob values of a float32 table below the encoding's range (stored as its minimum)."""
     if encoding is None:
         return 0
-    low = encoding["min_logprob"] - encoding["max_abs_error"]
     total = 0
     for name in LOGPROB_COLUMNS:
         if name in table.column_names:
+            low = encoding["min_logprob"] - encoding["max_abs_error"]
+            if name == "teacher_topk_logprobs" and sorted_topk(encoding):
+                low = encoding["topk_min_logprob"] - encoding["topk_max_abs_error"]
             column = table.column(name)
             while pa.types.is_list(column.type):
                 column = pc.list_flatten(column)

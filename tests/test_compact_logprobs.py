@@ -1,9 +1,11 @@
-"""The opt-in compact log-prob encoding (format 1.2): 16-bit fixed point, decoded transparently.
+"""The opt-in compact log-prob encoding (format 1.2): 16-bit fixed point, decoded transparently;
+and its opt-in compact top-k (format 1.3): sorted ids as gaps, coarser top-k log-probs.
 
-The codec is pinned against a naive per-value encode/decode; stores are checked end to end: a
-compact store verifies, reads back within the stated error, goes through filter/merge/export,
+The codecs are pinned against naive per-value / per-position references; stores are checked end to
+end: a compact store verifies, reads back within the stated error, goes through filter/merge/export,
 refuses to be mixed with float32 parts, is written by `lopd precompute --compact-logprobs` and
-trains; stores of older minors (no encoding) keep their ids and read as before.
+trains; stores of older minors (no encoding) keep their ids and read as before; a 1.2 reader
+refuses a compact top-k store.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def test_encoding_section_is_validated():
     assert "pip install -U lightning-opd" in fmt.encoding_problems({"logprobs": "float8"})[0]
     edited = {**fmt.fixed16_encoding(), "max_abs_error": 1e-9}
     assert "edited by hand" in fmt.encoding_problems(edited)[0]
+    assert fmt.encoding_problems(fmt.fixed16_encoding(topk_scale=32)) == []
+    assert (
+        "topk_scale must be a power of two" in fmt.encoding_problems(fmt.fixed16_encoding(topk_scale=48))[0]
+    )
+    assert "<= scale 2048" in fmt.encoding_problems(fmt.fixed16_encoding(topk_scale=4096))[0]
+    edited = {**fmt.fixed16_encoding(topk_scale=32), "topk_max_abs_error": 1e-9}
+    assert "edited by hand" in fmt.encoding_problems(edited)[0]
 
 
 def test_a_header_without_encoding_keeps_its_store_id():
@@ -104,7 +113,7 @@ def test_compact_store_verifies_and_reads_back_within_the_bound(tmp_path):
     src = write_store(tmp_path / "src", num_parts=2, topk=2, with_sampling=True, with_reward=True)
     dst = tmp_path / "compact"
     manifest = tools.compact_store(src, dst, **QUIET)
-    assert manifest.format_version == fmt.FORMAT_VERSION == "1.2"
+    assert manifest.format_version == fmt.FORMAT_VERSION == "1.3"  # written by 1.3; 1.2 reads it (a warning)
     assert manifest.encoding == fmt.fixed16_encoding()
     assert json.loads((dst / fmt.MANIFEST_FILE).read_text())["encoding"]["max_abs_error"] == 1 / 4096
     assert manifest.extra[fmt.LINEAGE_KEY][0]["op"] == "compact"
@@ -235,6 +244,206 @@ def test_precompute_compact_logprobs_writes_a_compact_store_that_trains(
         train.TrainConfig(
             student=str(sft_student_dir), stores=str(out), out=str(run), steps=2, batch_size=4,
             micro_batch_size=2, lr=1e-3, shuffle_buffer=8, seed=0,
+        ),
+        **QUIET,
+    )  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact top-k (format 1.3)
+# ---------------------------------------------------------------------------------------------
+
+# The encoding section a 1.2 release accepts, verbatim: its check is `encoding == fixed16_encoding(scale)`.
+ENCODING_1_2 = {
+    "logprobs": "fixed16",
+    "scale": 2048,
+    "min_logprob": -65535 / 2048,
+    "max_abs_error": 1 / 4096,
+    "below_min": "clamped to min_logprob",
+    "teacher_topk_logprobs": "per position: rank 1's code, then differences from the previous rank mod 2^16",
+}
+
+
+def _naive_topk(ids: list[int], logprobs: list[float], topk_scale: int) -> tuple[list[int], list[float]]:
+    """One position through the compact top-k, written out: the (id, log-prob) pairs rounded to the
+    topk_scale grid, in decreasing log-prob order, ties by increasing id."""
+    pairs = [(-round(-float(x) * topk_scale) / topk_scale, int(i)) for i, x in zip(ids, logprobs)]
+    pairs.sort(key=lambda p: (-p[0], p[1]))
+    return [i for _, i in pairs], [x for x, _ in pairs]
+
+
+def _topk_table(rows: list[list[tuple[list[int], list[float]]] | None]) -> pa.Table:
+    ids = [None if r is None else [p[0] for p in r] for r in rows]
+    lps = [None if r is None else [p[1] for p in r] for r in rows]
+    return pa.table(
+        {
+            "teacher_topk_ids": pa.array(ids, fmt._list_of(fmt._list_of(pa.int32()))),
+            "teacher_topk_logprobs": pa.array(lps, fmt._list_of(fmt._list_of(pa.float32()))),
+        }
+    )
+
+
+def test_compact_topk_codec_matches_a_naive_reference_and_keeps_the_bound():
+    encoding = fmt.fixed16_encoding(topk_scale=32)
+    assert encoding["topk_max_abs_error"] == 1 / 64 and {**encoding, **ENCODING_1_2} != encoding
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in range(40):
+        if r == 3:
+            rows.append(None)  # a null row (what a 'rollouts' table holds)
+            continue
+        positions = []
+        for _ in range(int(rng.integers(0, 6))):  # some rows have no positions
+            k = 5
+            ids = rng.choice(262144, k, replace=False).tolist()
+            logprobs = (-np.sort(rng.exponential(3.0, k))).tolist()
+            if rng.random() < 0.3:
+                logprobs[2] = logprobs[1] - 0.001  # codes that tie: only their order is not kept
+            positions.append((ids, logprobs))
+        rows.append(positions)
+    table = _topk_table(rows)
+    stored = fmt.encode_table(table, encoding)
+    # On disk: ascending ids as first id + gaps, codes at topk_scale in that id order.
+    first = next(p for r in rows if r for p in r)
+    order = np.argsort(first[0])
+    disk_ids, disk_codes = stored.column(0)[0].as_py()[0], stored.column(1)[0].as_py()[0]
+    assert np.cumsum(disk_ids).tolist() == np.sort(first[0]).tolist() and min(disk_ids[1:]) > 0
+    assert disk_codes == [round(-np.float32(first[1][j]) * 32) for j in order]
+    for data in (
+        stored,
+        stored.to_batches()[0].slice(5, 20),
+        pa.concat_tables([stored.slice(0, 7), stored.slice(7)]),
+    ):
+        decoded = fmt.decode_batch(data, encoding)
+        assert decoded.schema.equals(table.schema)
+        start = 5 if data.num_rows == 20 else 0
+        for row, ids, lps in zip(
+            rows[start : start + data.num_rows],
+            decoded.column(0).to_pylist(),
+            decoded.column(1).to_pylist(),
+        ):
+            if row is None:
+                assert ids is None and lps is None
+                continue
+            for (exact_ids, exact_lps), got_ids, got_lps in zip(row, ids, lps):
+                f32 = np.float32(exact_lps).tolist()
+                assert (got_ids, got_lps) == _naive_topk(exact_ids, f32, 32)
+                by_id = dict(zip(exact_ids, f32))
+                assert max(abs(x - by_id[i]) for i, x in zip(got_ids, got_lps)) <= 1 / 64
+    assert fmt.count_clamped(_topk_table([[([1], [-2500.0])]]), encoding) == 1  # below -2047.97
+
+
+def test_compact_topk_store_reads_back_within_the_bound(tmp_path):
+    src = write_store(tmp_path / "src", num_parts=2, topk=4, with_sampling=True, with_reward=True)
+    dst = tmp_path / "compact"
+    manifest = tools.compact_store(src, dst, topk_scale=32, **QUIET)
+    assert manifest.format_version == fmt.FORMAT_VERSION == "1.3"
+    on_disk = json.loads((dst / fmt.MANIFEST_FILE).read_text())["encoding"]
+    assert on_disk == fmt.fixed16_encoding(topk_scale=32)
+    assert (on_disk["topk_scale"], on_disk["topk_max_abs_error"], on_disk["max_abs_error"]) == (
+        32,
+        1 / 64,
+        1 / 4096,
+    )
+    report = verify_store(dst)
+    assert report.ok and report.warnings == [], report.format()
+    assert "top-k sorted by id, max error 0.0156" in summarize_store(dst)["logprob_encoding"]
+
+    before, after = read_table(src), read_table(dst)
+    tools.compact_store(src, tmp_path / "plain", **QUIET)
+    plain = read_table(tmp_path / "plain")
+    assert after.schema.equals(before.schema)
+    for name in before.column_names:
+        if name not in fmt.TOPK_COLUMNS:  # everything else exactly as the 1.2 compact store
+            assert after.column(name).equals(plain.column(name)), name
+    for exact_ids, exact_lps, got_ids, got_lps in zip(
+        *(t.column(c).to_pylist() for t in (before, after) for c in fmt.TOPK_COLUMNS)
+    ):
+        for e_ids, e_lps, g_ids, g_lps in zip(exact_ids, exact_lps, got_ids, got_lps):
+            assert (g_ids, g_lps) == _naive_topk(e_ids, e_lps, 32)
+            assert np.abs(np.sort(g_lps) - np.sort(e_lps)).max() <= 1 / 64
+
+    store = open_store(dst)
+    for columns in (["teacher_topk_ids"], ["teacher_topk_logprobs", "prompt_id"]):
+        part = pa.Table.from_batches(list(store.iter_batches(columns)))
+        assert part.column_names == columns  # a top-k column alone still decodes (its partner is read too)
+        for c in columns:
+            assert part.column(c).equals(after.column(c)), c
+    from lightning_opd.store.reader import read_part
+
+    assert (
+        read_part(dst, 1, columns=["teacher_topk_ids"])
+        .column(0)
+        .equals(pa.Table.from_batches(list(store.iter_batches(["teacher_topk_ids"], shards=[1]))).column(0))
+    )
+
+    filtered = tmp_path / "filtered"
+    tools.filter_store(dst, filtered, tools.FilterSpec(min_length=10), **QUIET)
+    assert open_store(filtered).manifest.encoding == on_disk and verify_store(filtered).ok
+    kept = read_table(filtered).to_pylist()
+    assert kept == [r for r in after.to_pylist() if len(r["response_ids"]) >= 10]  # no re-rounding
+
+    with pytest.raises(StoreError, match="no top-k columns"):
+        tools.compact_store(
+            write_store(tmp_path / "nok", num_parts=1), tmp_path / "x", topk_scale=32, **QUIET
+        )
+    with pytest.raises(StoreError, match="power of two"):
+        tools.compact_store(src, tmp_path / "y", topk_scale=48, **QUIET)
+
+
+def test_a_1_2_reader_refuses_a_compact_topk_store_and_reads_the_rest(tmp_path, monkeypatch):
+    # What 1.3 writes without --topk-scale is exactly 1.2's section, so 1.2 reads it (newer minor: a warning).
+    assert fmt.fixed16_encoding() == ENCODING_1_2
+    src = write_store(tmp_path / "src", num_parts=1, topk=2)
+    dst = tmp_path / "compact"
+    tools.compact_store(src, dst, topk_scale=32, **QUIET)
+    # A 1.2 release: format 1.2, and its encoding check accepts only its own section.
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.2")
+    monkeypatch.setattr(fmt, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2))
+    with pytest.warns(UserWarning, match="newer than 1.2"), pytest.raises(StoreError, match="encoding"):
+        open_store(dst)
+    plain = tmp_path / "plain"
+    monkeypatch.undo()
+    tools.compact_store(src, plain, **QUIET)
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.2")
+    monkeypatch.setattr(fmt, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2))
+    with pytest.warns(UserWarning, match="newer than 1.2"):
+        assert open_store(plain).manifest.encoding == ENCODING_1_2
+
+
+def test_precompute_compact_topk_writes_a_store_the_topk_objective_trains_on(
+    micro_store, sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path
+):
+    from lightning_opd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --topk"):
+        precompute_config(
+            sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "x", compact_topk_scale=32
+        )
+    out = tmp_path / "compact-topk"
+    config = precompute_config(
+        sft_student_dir, micro_teacher_dir, opd_prompts, out, topk=3, compact_topk_scale=32
+    )
+    precompute.run(config, **QUIET)
+    store = open_store(out)
+    assert store.manifest.encoding == fmt.fixed16_encoding(topk_scale=32) and verify_store(out).ok
+    # Same rollouts as micro_store; each position's top-k pairs within 1/64 nats, in decreasing order.
+    exact, compact = read_table(micro_store), read_table(out)
+    assert compact.column("response_ids").equals(exact.column("response_ids"))
+    for e_ids, e_lps, c_ids, c_lps in zip(
+        *(t.column(c).to_pylist() for t in (exact, compact) for c in fmt.TOPK_COLUMNS)
+    ):
+        for pos in zip(e_ids, e_lps, c_ids, c_lps):
+            assert sorted(pos[0]) == sorted(pos[2]) and pos[3] == sorted(pos[3], reverse=True)
+            by_id = dict(zip(pos[0], pos[1]))
+            assert max(abs(x - by_id[i]) for i, x in zip(pos[2], pos[3])) <= 1 / 64 + 1e-7
+    run = tmp_path / "train"
+    train.run(
+        train.TrainConfig(
+            student=str(sft_student_dir), stores=str(out), out=str(run), steps=2, batch_size=4,
+            micro_batch_size=2, lr=1e-3, shuffle_buffer=8, seed=0, objective="topk",
         ),
         **QUIET,
     )  # fmt: skip

@@ -306,7 +306,11 @@ def run_scoring(config, log=print) -> Path:
             ),
         },
         # The rollouts store stays float32; only the final store is compact (readers decode it).
-        "encoding": fixed16_encoding() if config.compact_logprobs else None,
+        "encoding": (
+            fixed16_encoding(topk_scale=config.compact_topk_scale or None)
+            if config.compact_logprobs or config.compact_topk_scale
+            else None
+        ),
     }
     if not config.allow_duplicate:
         # Content addressing: the same teacher, student, prompts and sampling make the same store. Reuse it.

@@ -1,4 +1,5 @@
-"""`lopd store compact`: a new store with the log-prob columns in 16-bit fixed point (format 1.2).
+"""`lopd store compact`: a new store with the log-prob columns in 16-bit fixed point (format 1.2), and
+optionally (``topk_scale``, format 1.3) top-k ids sorted as gaps with coarser top-k log-probs.
 
 The encoding (scale, range, maximum error, what happens below the range) is the format's:
 ``storage_schemas.logprob_store_v1.fixed16_encoding``. The output is a derived store like a filter's
@@ -41,13 +42,23 @@ def compact_store(
     *,
     cache_dir: str | Path | None = None,
     allow_duplicate: bool = False,
+    topk_scale: int | None = None,
     log: Log = print,
 ) -> fmt.Manifest:
-    """Write ``src`` as a compact store at ``dst`` (one part per source part); logs the clamped values."""
+    """Write ``src`` as a compact store at ``dst`` (one part per source part); logs the clamped values.
+    ``topk_scale`` (a power of two <= 2048, e.g. ``fmt.SUGGESTED_TOPK_SCALE``) also compacts the top-k."""
     store = open_store(src)
     if store.manifest.encoding is not None:
-        raise StoreError(f"{src} is already compact ({store.manifest.encoding['logprobs']}); nothing to do")
-    encoding = fmt.fixed16_encoding()
+        # Re-encoding decoded values would add a second rounding the manifest could not state.
+        raise StoreError(
+            f"{src} is already compact ({store.manifest.encoding['logprobs']}); compact its float32 source instead"
+        )
+    if topk_scale is not None and store.topk is None:
+        raise StoreError(f"{src} has no top-k columns; drop the top-k scale")
+    encoding = fmt.fixed16_encoding(topk_scale=topk_scale)
+    problems = fmt.encoding_problems(encoding)
+    if problems:
+        raise StoreError(problems[0])
     dst = Path(dst)
     entry = {"op": "compact", "encoding": encoding, "sources": [source_record(store)]}
     header = compact_header(store.manifest, encoding, entry)
@@ -70,10 +81,11 @@ def compact_store(
     before = sum(s.bytes for s in store.manifest.shards)
     after = sum(s.bytes for s in manifest.shards)
     tokens = max(1, manifest.stats.num_response_tokens)
+    topk = f", top-k log-probs within {encoding['topk_max_abs_error']:.3g}" if topk_scale is not None else ""
     log(
         f"compacted {src} -> {dst}: {before / tokens:.2f} -> {after / tokens:.2f} bytes per response token; "
-        f"log-probs within {encoding['max_abs_error']:.3g} nats on [{encoding['min_logprob']:.4f}, 0], "
-        f"{clamped} value(s) below it clamped; store_id {manifest.store_id[:12]}"
+        f"log-probs within {encoding['max_abs_error']:.3g} nats on [{encoding['min_logprob']:.4f}, 0]{topk}, "
+        f"{clamped} value(s) below the range clamped; store_id {manifest.store_id[:12]}"
     )
     _register(dst, cache_dir, log)
     return manifest

@@ -138,25 +138,29 @@ class LogprobStore:
     ) -> Iterator[pa.RecordBatch]:
         """Stream record batches over the listed shards (or the given ``(shard, row_group)`` units)."""
         columns = self.check_columns(columns)
+        read = fmt.columns_to_read(columns, self.manifest.encoding)  # a sorted top-k decodes as a pair
         if row_groups is None:
             indices = range(len(self.shard_paths)) if shards is None else shards
             for index in indices:
                 with self.open_shard(index) as pf:
-                    yield from self._checked(index, pf.iter_batches(batch_size=batch_size, columns=columns))
+                    batches = pf.iter_batches(batch_size=batch_size, columns=read)
+                    yield from self._checked(index, batches, columns)
             return
         for index, group in row_groups:
             with self.open_shard(index) as pf:
-                batches = pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[group])
-                yield from self._checked(index, batches)
+                batches = pf.iter_batches(batch_size=batch_size, columns=read, row_groups=[group])
+                yield from self._checked(index, batches, columns)
 
-    def _checked(self, index: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        """``batches`` decoded to float32 log-probs, with a damaged shard turned into a StoreError: pyarrow
-        failing mid-file, or decoding a batch that is not valid Arrow (bad offsets, strings that are not
-        UTF-8) without noticing."""
+    def _checked(
+        self, index: int, batches: Iterator[pa.RecordBatch], columns: list[str]
+    ) -> Iterator[pa.RecordBatch]:
+        """``batches`` decoded to float32 log-probs (only ``columns``), with a damaged shard turned into a
+        StoreError: pyarrow failing mid-file, or decoding a batch that is not valid Arrow (bad offsets,
+        strings that are not UTF-8) without noticing."""
         try:
             for batch in batches:
                 batch.validate(full=True)
-                yield fmt.decode_batch(batch, self.manifest.encoding)
+                yield fmt.decode_batch(batch, self.manifest.encoding).select(columns)
         except (OSError, pa.ArrowException) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StoreError(
@@ -211,7 +215,9 @@ def read_part(
     if _shard_uuid(pq.read_schema(path).metadata) != store_uuid:
         raise StoreError(f"{path} belongs to another store; rerun the worker that owns part {part}")
     try:
-        return fmt.decode_batch(pq.read_table(path, columns=columns), encoding)
+        read = None if columns is None else fmt.columns_to_read(columns, encoding)
+        table = fmt.decode_batch(pq.read_table(path, columns=read), encoding)
+        return table if columns is None else table.select(columns)
     except (OSError, pa.ArrowException) as e:
         raise StoreError(f"cannot read {path} ({e}); rerun the worker that owns part {part}") from None
 

@@ -73,7 +73,12 @@ def summarize_store(store: LogprobStore | str | Path, *, out: TextIO | None = No
         # Compact stores (format 1.2+) say how log-probs are stored and the largest error that costs.
         "logprob_encoding": (
             f"{m.encoding['logprobs']} (max error {m.encoding['max_abs_error']:.3g} nats on "
-            f"[{m.encoding['min_logprob']:.4f}, 0])"
+            f"[{m.encoding['min_logprob']:.4f}, 0]"
+            + (
+                f"; top-k sorted by id, max error {m.encoding['topk_max_abs_error']:.3g} nats)"
+                if fmt.sorted_topk(m.encoding)
+                else ")"
+            )
             if m.encoding
             else "float32"
         ),
