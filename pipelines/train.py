@@ -18,6 +18,7 @@ chain back to the SFT teacher).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from lightning_opd.stage2.step import (
 )
 from lightning_opd.store import RolloutStream, RowFilter, open_store
 from lightning_opd.store.rowcheck import check_rows
+from storage_schemas import logprob_store_v1 as fmt
 
 PRESETS = ("", "esr")
 ESR_HORIZON = 100  # METHODS §4: flat for N in 50-200, worse at N <= 20
@@ -135,6 +137,16 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
     if objective.needs_topk and (None in topks or len(topks) != 1):
         raise StoreError(
             f"objective {config.objective!r} needs stores with teacher top-k (all the same k); got k={sorted(map(str, topks))}"
+        )
+    coarse = [str(s.root) for s in stores if fmt.sorted_topk(s.manifest.encoding)]
+    if coarse and getattr(objective, "tail", None) == "tail_bucket":
+        # log(1 − Σ top-k) cancels catastrophically when the top-k holds nearly all the mass: a 1/64-nat
+        # rounding moves that KL by 0.1-0.7 on a real store (BENCHMARKS.md, compact top-k).
+        warnings.warn(
+            f"--topk-tail tail_bucket on a compact top-k store ({', '.join(coarse)}: top-k log-probs within "
+            "1/(2·topk_scale) nats) is ill-conditioned; use --topk-tail renormalize, or a store compacted "
+            "without --topk-scale",
+            stacklevel=2,
         )
     weights = [float(w) for w in config.store_weights.split(",")] if config.store_weights else None
     if weights is not None and len(weights) != len(stores):

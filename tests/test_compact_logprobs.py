@@ -23,6 +23,7 @@ from conftest import precompute_config
 from test_store_common import make_header, make_rows, read_table, rewrite_shard, write_store
 
 from lightning_opd.errors import StoreError
+from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.store import StoreWriter, open_store, tools
 from lightning_opd.store.summary import summarize_store
 from lightning_opd.store.verify import verify_store
@@ -449,3 +450,10 @@ def test_precompute_compact_topk_writes_a_store_the_topk_objective_trains_on(
     )  # fmt: skip
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # The tail-bucket treatment is ill-conditioned on coarse top-k log-probs: stage two says so.
+    bucket = train.TrainConfig(
+        student=str(sft_student_dir), stores=str(out), out=str(tmp_path / "t"), objective="topk",
+        topk_tail="tail_bucket",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="tail_bucket on a compact top-k store"):
+        train.open_stores(bucket, model_fingerprint(sft_student_dir))
