@@ -277,7 +277,7 @@ def plot_metric(ax, runs: dict[str, list[dict[str, Any]]], y: str, *, x: str = "
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel(y)
     ax.set_title(f"{y} vs {X_LABELS.get(x, x)}")
-    if runs:
+    if ax.get_legend_handles_labels()[0]:  # no run logged ``y``: an empty legend would only warn
         ax.legend()
     return ax
 
