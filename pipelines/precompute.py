@@ -166,11 +166,8 @@ class ScoreConfig:
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
         if self.compact_topk_scale:
             check(self.topk > 0, "--compact-topk-scale compacts the top-k columns: it needs --topk > 0")
-            encoding = fmt.fixed16_encoding(topk_scale=self.compact_topk_scale)
-            check(
-                not fmt.encoding_problems(encoding),
-                f"--compact-topk-scale: {fmt.encoding_problems(encoding)}",
-            )
+            problems = fmt.encoding_problems(fmt.fixed16_encoding(topk_scale=self.compact_topk_scale))
+            check(not problems, f"--compact-topk-scale: {'; '.join(problems)}")
         check(
             self.scoring_backend in SCORING_BACKENDS,
             f"scoring_backend must be one of {SCORING_BACKENDS}, got {self.scoring_backend!r}",

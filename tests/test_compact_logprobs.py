@@ -423,6 +423,10 @@ def test_precompute_compact_topk_writes_a_store_the_topk_objective_trains_on(
         precompute_config(
             sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "x", compact_topk_scale=32
         )
+    with pytest.raises(ConfigError, match="--compact-topk-scale: .*power of two"):
+        precompute_config(
+            sft_student_dir, micro_teacher_dir, opd_prompts, tmp_path / "x", topk=3, compact_topk_scale=48
+        )
     out = tmp_path / "compact-topk"
     config = precompute_config(
         sft_student_dir, micro_teacher_dir, opd_prompts, out, topk=3, compact_topk_scale=32
