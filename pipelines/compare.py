@@ -217,7 +217,7 @@ def run(config: CompareConfig, log=print) -> list[dict]:
 
 def toy_inputs(config: CompareConfig, out: Path, seed: int, log) -> dict:
     """The embedded toy for one seed, built (or reused) like `lopd demo`: student, teacher, prompts, store."""
-    sizes = dict(sft_prompts=16, opd_prompts=12, eval_prompts=8, sft_steps=2, teacher_steps=3)
+    sizes = dict(sft_prompts=16, sft_holdout=4, opd_prompts=12, eval_prompts=8, sft_steps=2, teacher_steps=3)
     demo_config = DemoConfig(
         workdir=str(out),
         cache_dir=config.cache_dir,

@@ -59,7 +59,7 @@ class SFTJobConfig:
         default=False,
         metadata={"help": "also train on answers cut at --max-new-tokens (off: they teach rambling)"},
     )
-    steps: int = 400
+    steps: int = field(default=400, metadata={"help": "training steps (the most, with --stop-at-match)"})
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -72,6 +72,17 @@ class SFTJobConfig:
         default="auto", metadata={"help": "teacher sampling backend: auto|vllm|transformers"}
     )
     chat_template: str = "auto"
+    holdout: int = field(
+        default=0,
+        metadata={"help": "hold out the teacher's answers to the last N prompts (never trained on)"},
+    )
+    stop_at_match: float = field(
+        default=0.0,
+        metadata={
+            "help": "stop once the student reproduces this share of the held-out answers token for "
+            "token (teacher-forced argmax; needs --holdout; 0 = train all --steps)"
+        },
+    )
     overwrite: bool = False
 
     def __post_init__(self):
@@ -79,6 +90,11 @@ class SFTJobConfig:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check_chat_template_mode(self.chat_template)
         check_device_and_dtype(self.device, self.dtype)
+        check(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+        check(
+            self.stop_at_match == 0 or self.holdout > 0,
+            "--stop-at-match needs --holdout N: the answers to check the student against",
+        )
         self.train_config()  # validates the training fields early
 
     def train_config(self) -> SFTTrainConfig:
@@ -90,6 +106,7 @@ class SFTJobConfig:
             weight_decay=self.weight_decay,
             seed=self.seed,
             mixed_precision=self.mixed_precision,
+            stop_at_match=self.stop_at_match,
         )
 
 
@@ -146,15 +163,23 @@ def run(config: SFTJobConfig, log=print) -> Path:
     student_id = model_identity(config.student)
     check_same_tokenizer(student_id, teacher_id, "stage 0 (SFT)")
     records = load_prompts(config.prompts, prompt_field=config.prompt_field)
+    if config.holdout >= len(records):
+        raise InputError(
+            f"--holdout {config.holdout} leaves nothing to train on: {config.prompts} has "
+            f"{len(records)} prompts; hold out fewer"
+        )
     rows = teacher_answers(config, records, log)
     if config.keep_correct_only:
         rows = [r for r in rows if r["correct"]]
+    held_out = {r.prompt_id for r in records[len(records) - config.holdout :]} if config.holdout else set()
     # Truncated answers teach the student to ramble; keep only the ones that ended on EOS.
+    usable = [r for r in rows if r["finish_reason"] == "stop" or config.keep_truncated]
     examples = [
-        SFTExample(r["prompt_ids"], r["response_ids"])
-        for r in rows
-        if r["finish_reason"] == "stop" or config.keep_truncated
+        SFTExample(r["prompt_ids"], r["response_ids"]) for r in usable if r["prompt_id"] not in held_out
     ]
+    holdout = [SFTExample(r["prompt_ids"], r["response_ids"]) for r in usable if r["prompt_id"] in held_out]
+    if config.stop_at_match and not holdout:
+        raise InputError("stage 0: no usable held-out teacher answers for --stop-at-match; raise --holdout")
     if not examples:
         raise InputError(
             "stage 0: no usable teacher answers (all truncated or rejected); raise --max-new-tokens"
@@ -165,7 +190,9 @@ def run(config: SFTJobConfig, log=print) -> Path:
             f"stage 0: {len(examples)} SFT examples; teacher answers correct: {100 * sum(correct) / len(correct):.1f}%"
         )
     student, tokenizer = load_causal_lm(config.student, dtype="float32", device=config.device)
-    history = train_sft(student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log)
+    history = train_sft(
+        student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log, holdout=holdout
+    )
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -177,7 +204,13 @@ def run(config: SFTJobConfig, log=print) -> Path:
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             sft_teacher=asdict(teacher_id),
             config=asdict(config),
-            inputs={"student_init": asdict(student_id), "num_examples": len(examples)},
+            inputs={
+                "student_init": asdict(student_id),
+                "num_examples": len(examples),
+                "num_holdout": len(holdout),
+                # Where training ended and the held-out match there (with --stop-at-match).
+                "stopped": history[-1] if history and "val_match" in history[-1] else None,
+            },
         ),
     )
     log(f"stage 0: fine-tuned student saved to {out}")

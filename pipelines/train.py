@@ -80,7 +80,7 @@ class TrainConfig(TrainingFlags):
         default=1.0, metadata={"help": "warn when the store is reused beyond this many passes"}
     )
     drift_max_kl: float = field(
-        default=0.005, metadata={"help": "warn when KL(student || store policy) per token exceeds this"}
+        default=0.01, metadata={"help": "warn when KL(student || store policy) per token exceeds this"}
     )
     shuffle_buffer: int = 4096
     finish_reasons: str = field(default="stop,length", metadata={"help": "keep rollouts that ended this way"})

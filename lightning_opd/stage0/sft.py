@@ -24,6 +24,7 @@ from lightning_opd.logprobs import (
     logit_postprocess,
     output_head,
     token_logprobs_from_hidden,
+    topk_logprobs_from_hidden,
 )
 
 IGNORE_INDEX = -100
@@ -46,6 +47,10 @@ class SFTTrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
     log_every: int = 50
+    # Early stop: end as soon as the teacher-forced exact match on held-out answers reaches this (0 = off).
+    # It pins the student's accuracy, where a fixed step count lands anywhere on a steep learning curve.
+    stop_at_match: float = 0.0
+    check_every: int = 2
 
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
@@ -58,6 +63,8 @@ class SFTTrainConfig:
         check(
             self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
         )
+        check(0 <= self.stop_at_match <= 1, f"stop_at_match must be in [0, 1], got {self.stop_at_match}")
+        check(self.check_every >= 1, f"check_every must be >= 1, got {self.check_every}")
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -99,6 +106,32 @@ def response_nll(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 102
     return -logprobs.mean()
 
 
+@torch.no_grad()
+def teacher_forced_match(model, examples: list[SFTExample], pad_id: int, *, batch_size: int = 256) -> float:
+    """Share of ``examples`` whose every response token is the model's argmax given the gold prefix.
+
+    Greedy decoding reproduces such a response exactly, so this is a lower bound on how often greedy
+    decoding writes the teacher's answer, for the cost of one forward pass instead of a generation. The argmax goes through the chunked top-1
+    kernel: no ``[batch, seq, vocab]`` logits.
+    """
+    weight, bias = output_head(model)
+    postprocess = logit_postprocess(model)
+    device = next(model.parameters()).device
+    matched = 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate_sft(examples[start : start + batch_size], pad_id)
+        hidden = final_hidden_states(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )[:, :-1]
+        labels = batch["labels"][:, 1:].to(device)
+        where = labels != IGNORE_INDEX
+        ids, _ = topk_logprobs_from_hidden(hidden[where], weight, 1, bias=bias, postprocess=postprocess)
+        ok = torch.ones_like(labels, dtype=torch.bool)
+        ok[where] = ids[:, 0].long() == labels[where]
+        matched += int(ok.all(dim=-1).sum())
+    return matched / len(examples)
+
+
 def refuse_several_processes() -> None:
     """Stage zero runs in one process. Its chunked loss calls the decoder past the prepared model's
     forward, so under DDP nothing would all-reduce and each process would train its own copy (stage
@@ -119,10 +152,18 @@ def train_sft(
     log: Callable[[str], None] = print,
     on_eval: Callable[[int], None] | None = None,
     eval_every: int = 0,
+    holdout: list[SFTExample] | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place; returns the logged metrics (one dict per ``log_every`` steps)."""
+    """Train ``model`` in place; returns the logged metrics (one dict per ``log_every`` steps).
+
+    With ``config.stop_at_match`` set, ``holdout`` (answers never trained on) is checked every
+    ``config.check_every`` steps and training ends at the first check that reaches the target; the last
+    row then carries ``stopped_early`` and ``val_match``.
+    """
     if not examples:
         raise ValueError("no SFT examples to train on")
+    if config.stop_at_match > 0 and not holdout:
+        raise ConfigError("stop_at_match needs held-out examples to check against (holdout)")
     refuse_several_processes()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
@@ -177,6 +218,26 @@ def train_sft(
             model.eval()
             on_eval(step + 1)
             model.train()
+        if config.stop_at_match > 0 and ((step + 1) % config.check_every == 0 or step + 1 == config.steps):
+            model.eval()
+            match = teacher_forced_match(accelerator.unwrap_model(model), holdout, pad_id)
+            model.train()
+            if match >= config.stop_at_match or step + 1 == config.steps:
+                reached = match >= config.stop_at_match
+                history.append(
+                    {"step": step + 1, "loss": loss.item(), "val_match": match, "stopped_early": reached}
+                )
+                log(
+                    f"sft: held-out exact match {100 * match:.1f}% at step {step + 1}: "
+                    + (
+                        f"reached the target {100 * config.stop_at_match:.0f}%, stopping"
+                        if reached
+                        else f"the target {100 * config.stop_at_match:.0f}% was not reached; "
+                        "raise --steps or --lr to get there, or lower --stop-at-match"
+                    )
+                )
+                if reached:
+                    break
     model.eval()
     accelerator.unwrap_model(model)
     return history

@@ -117,12 +117,14 @@ def write_toy_student_init(out: Path, spec: ToyModelSpec = STUDENT_SPEC, seed: i
 
 
 def write_toy_prompt_sets(
-    out: Path, *, sft: int, opd: int, eval: int, digits=(3,), seed: int = 0
+    out: Path, *, sft: int, opd: int, eval: int, digits=(3,), seed: int = 0, eval_seed: int | None = None
 ) -> dict[str, Path]:
-    """JSONL prompt sets for each stage from disjoint splits (with answers; SFT with gold solutions)."""
+    """JSONL prompt sets for each stage from disjoint splits (with answers; SFT with gold solutions).
+    ``eval_seed`` draws the eval problems with another seed (default ``seed``)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in (("sft", sft), ("opd", opd), ("eval", eval)):
-        records = to_records(sample_problems(split, n, digits=digits, seed=seed), with_solution=True)
+        s = seed if split != "eval" or eval_seed is None else eval_seed
+        records = to_records(sample_problems(split, n, digits=digits, seed=s), with_solution=True)
         paths[split] = write_jsonl(records, out / f"{split}.jsonl")
     return paths
