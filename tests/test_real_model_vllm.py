@@ -40,6 +40,10 @@ def vllm_store(gemma_dir, tmp_path_factory):
         "--prompts", prompts["opd"], "--out", out, "--verifier", "math", "--chat-template", "always",
         "--n", 2, "--max-new-tokens", NEW_TOKENS, "--topk", TOPK, "--backend", "vllm",
         "--scoring-backend", "vllm", "--dtype", "float32", "--seed", 1,
+        # On CPU the fraction is of the NUMA node's memory, and the scoring worker's own RSS (Gemma in
+        # fp32 plus its 262k-vocabulary profiling pass, 3.4 GB) must fit inside it before any KV cache:
+        # the default 0.2 of a 15.5 GB node (3.0 GB) fails; 0.4 leaves ~2.8 GB for the cache.
+        "--scoring-gpu-memory-utilization", 0.4,
     )  # fmt: skip
     return out
 
