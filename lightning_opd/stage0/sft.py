@@ -111,8 +111,8 @@ def teacher_forced_match(model, examples: list[SFTExample], pad_id: int, *, batc
     """Share of ``examples`` whose every response token is the model's argmax given the gold prefix.
 
     Greedy decoding reproduces such a response exactly, so this is a lower bound on how often greedy
-    decoding writes the teacher's answer, for the cost of one forward pass instead of a generation. The argmax goes through the chunked top-1
-    kernel: no ``[batch, seq, vocab]`` logits.
+    decoding writes the teacher's answer, for the cost of one forward pass instead of a generation.
+    The argmax goes through the chunked top-1 kernel: no ``[batch, seq, vocab]`` logits.
     """
     weight, bias = output_head(model)
     postprocess = logit_postprocess(model)
@@ -222,8 +222,8 @@ def train_sft(
             model.eval()
             match = teacher_forced_match(accelerator.unwrap_model(model), holdout, pad_id)
             model.train()
-            if match >= config.stop_at_match or step + 1 == config.steps:
-                reached = match >= config.stop_at_match
+            reached = match >= config.stop_at_match
+            if reached or step + 1 == config.steps:
                 history.append(
                     {"step": step + 1, "loss": loss.item(), "val_match": match, "stopped_early": reached}
                 )
