@@ -29,6 +29,11 @@ JOBS = {
     ),
     "score": ("pipelines.precompute", "ScoreConfig", "stage 1, step 2: teacher scoring of a rollouts store"),
     "train": ("pipelines.train", "TrainConfig", "stage 2: offline OPD training from logprob stores"),
+    "plan": (
+        "pipelines.plan",
+        "PlanConfig",
+        "what fits: estimated peak GPU memory of each way to run stage two",
+    ),
     "train-online": (
         "pipelines.train_online",
         "OnlineConfig",

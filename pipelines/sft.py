@@ -27,6 +27,7 @@ from lightning_opd.modeling import (
 )
 from lightning_opd.prompts import check_chat_template_mode, encode_prompt, load_prompts
 from lightning_opd.provenance import Provenance, write_provenance
+from lightning_opd.scale import ScaleFlags, prepare_student, resolve_save_dtype, save_student
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, refuse_several_processes, train_sft
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
@@ -36,7 +37,7 @@ SFT_CONFIG_FILE = "sft_config.json"
 
 
 @dataclass
-class SFTJobConfig:
+class SFTJobConfig(ScaleFlags):
     teacher: str = field(metadata={"help": "teacher model directory (writes the SFT answers)"})
     student: str = field(metadata={"help": "student model directory to fine-tune"})
     prompts: str = field(metadata={"help": "SFT prompt set (.jsonl, .parquet or datasets dir)"})
@@ -95,6 +96,7 @@ class SFTJobConfig:
             self.stop_at_match == 0 or self.holdout > 0,
             "--stop-at-match needs --holdout N: the answers to check the student against",
         )
+        self.check_scale_flags()
         self.train_config()  # validates the training fields early
 
     def train_config(self) -> SFTTrainConfig:
@@ -107,6 +109,7 @@ class SFTJobConfig:
             seed=self.seed,
             mixed_precision=self.mixed_precision,
             stop_at_match=self.stop_at_match,
+            optim=self.optim,
         )
 
 
@@ -189,11 +192,13 @@ def run(config: SFTJobConfig, log=print) -> Path:
         log(
             f"stage 0: {len(examples)} SFT examples; teacher answers correct: {100 * sum(correct) / len(correct):.1f}%"
         )
+    # fp32 master weights; --mixed-precision bf16 runs the compute in bf16.
     student, tokenizer = load_causal_lm(config.student, dtype="float32", device=config.device)
+    student = prepare_student(student, config)  # gradient checkpointing, LoRA adapters
     history = train_sft(
         student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log, holdout=holdout
     )
-    student.save_pretrained(out)
+    save_student(student, student.state_dict(), out, resolve_save_dtype(config.save_dtype, config.student))
     tokenizer.save_pretrained(out)
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     write_provenance(

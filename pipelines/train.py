@@ -2,8 +2,10 @@
 
     lopd train --student runs/sft --stores runs/store --out runs/opd --steps 100 --lr 1e-5
     accelerate launch --multi_gpu --num_processes 8 -m lightning_opd.cli train ...   # 8 GPUs, DDP
-        # --batch-size stays global (each process trains on its slice); FSDP/DeepSpeed are refused.
+        # --batch-size stays global (each process trains on its slice).
         # On CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ... (DDP over gloo, as tested)
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m lightning_opd.cli train ...  # FSDP2
+        # (lightning_opd/stage2/sharding.py: what is sharded, precision; FSDP1/DeepSpeed are refused)
     lopd train ... --horizon fraction --horizon-fraction 0.1   # TOPD at 10% of the store's horizon
     lopd train ... --horizon staircase --horizon-h0 16 --horizon-dh 16 --horizon-dk 20   # POPD
     lopd train ... --preset esr            # ESR: horizon fixed at 100 + top-k reverse KL (top-k store)
@@ -22,8 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from lightning_opd.config import check, parse_number_list, prepare_output_dir
 from lightning_opd.consistency import check_store_for_training
@@ -31,13 +32,16 @@ from lightning_opd.errors import ConfigError, StoreError
 from lightning_opd.evaluation import evaluate_model
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.modeling import load_causal_lm
+from lightning_opd.plan import fit_warning
 from lightning_opd.prompts import load_prompts, prompt_set_hash
+from lightning_opd.scale import prepare_student
 from lightning_opd.stage2 import runs
 from lightning_opd.stage2.batch import StudentScorer
 from lightning_opd.stage2.drift import DriftWatch
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon, horizon_at
+from lightning_opd.stage2.sharding import is_sharded, training_accelerator
 from lightning_opd.stage2.step import (
     UpdateInputs,
     accumulate_gradients,
@@ -156,35 +160,17 @@ def open_stores(config: TrainConfig, student_fingerprint: str):
     return stores, weights, store_horizon, (topks.pop() if objective.needs_topk else None)
 
 
-# The chunked LM head reads the head's whole weight matrix inside the forward; a sharded head (FSDP,
-# DeepSpeed ZeRO-3) would need it gathered there. DeepSpeed also steps its engine inside every
-# accelerator.backward call, which breaks this loop's micro-batch accumulation (one update per step).
-UNSUPPORTED_DISTRIBUTED = {
-    DistributedType.FSDP: "FSDP",
-    DistributedType.DEEPSPEED: "DeepSpeed",
-    DistributedType.MEGATRON_LM: "Megatron-LM",
-}
-
-
-def check_distributed(distributed_type: DistributedType) -> None:
-    """Refuse distributed modes stage two is not built for, before anything is loaded or written."""
-    name = UNSUPPORTED_DISTRIBUTED.get(distributed_type)
-    if name is not None:
-        raise ConfigError(
-            f"lopd train does not support {name}: the chunked LM-head kernel needs the whole head weight "
-            "on every process and one optimizer update per step. Use DDP: `accelerate launch --multi_gpu "
-            "--num_processes N -m lightning_opd.cli train ...` (an accelerate config with distributed_type "
-            "MULTI_GPU), and --mixed-precision bf16 / --micro-batch-size to fit memory"
-        )
-
-
 def run(config: TrainConfig, log=print) -> Path:
     # DDP broadcasts buffers at every forward (a collective); with StableOPD's gold solutions one process
     # may run a second forward in a micro-batch where another runs none, and mismatched collectives
     # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
-    check_distributed(accelerator.distributed_type)
+    accelerator = training_accelerator(config.mixed_precision, kwargs_handlers=[ddp])  # refuses FSDP1 etc.
+    if is_sharded(accelerator) and config.eval_prompts:
+        raise ConfigError(
+            "--eval-prompts is not available under FSDP2 (generation would run on sharded weights on every "
+            "process); drop it and evaluate the trained model with `lopd eval --model OUT/final ...`"
+        )
     if not accelerator.is_main_process:  # one copy of each message under accelerate launch
         log = _quiet
     out = Path(config.out)
@@ -193,8 +179,16 @@ def run(config: TrainConfig, log=print) -> Path:
     accelerator.wait_for_everyone()
     student_fp = model_fingerprint(config.student)
     stores, weights, store_horizon, topk = open_stores(config, student_fp)
+    # Before any data or weights: say so when the memory plan says this will not fit the GPU.
+    # The store's horizon bounds the responses; prompts come on top, so this is a lower bound.
+    tokens = config.micro_batch_size * store_horizon
+    warning = fit_warning(config, tokens=tokens, gpus=accelerator.num_processes, device=accelerator.device)
+    if warning:
+        log(warning)
     set_seed(config.seed)
+    # fp32 master weights whatever --mixed-precision says: bf16 weights barely move at lr 2e-6.
     model, tokenizer = load_causal_lm(config.student, dtype="float32", device=str(accelerator.device))
+    model = prepare_student(model, config)  # gradient checkpointing, LoRA adapters
     model.train()
     objective = config.build_objective()
     gold = GoldSolutions.load(config.gold_prompts, tokenizer) if config.gold_nll_coef > 0 else None
@@ -245,9 +239,12 @@ def run(config: TrainConfig, log=print) -> Path:
         row["elapsed_s"] = runs.timer() - started
         row["passes"] = (step + 1) * config.batch_size / max(1, store_rows)
         if eval_prompts and runs.due(config.eval_every, step + 1, config.steps):
-            row["eval_accuracy"] = evaluate(
-                accelerator, model, tokenizer, eval_prompts, config, store_horizon
-            )
+            # The main process alone (the others wait): one copy of generation's memory, not N.
+            if accelerator.is_main_process:
+                row["eval_accuracy"] = evaluate(
+                    accelerator, model, tokenizer, eval_prompts, config, store_horizon
+                )
+            accelerator.wait_for_everyone()
         if metrics is not None:
             metrics.write(row)
             watch.check(row, log)

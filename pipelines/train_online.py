@@ -36,6 +36,7 @@ from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
+from lightning_opd.scale import prepare_student
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
@@ -220,6 +221,7 @@ def run(config: OnlineConfig, log=print) -> Path:
     if config.gold_nll_coef > 0:
         gold = GoldSolutions.load(config.gold_prompts or config.prompts, tokenizer)
     objective = config.build_objective()
+    model = prepare_student(model, config)  # after the reference copy: π_ref is the plain student
     model.train()
     optimizer, scheduler = make_optimizer(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

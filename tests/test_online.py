@@ -105,12 +105,22 @@ def test_with_gold_gives_the_students_log_probs_of_the_whole_solution(micro_stud
     model = AutoModelForCausalLM.from_pretrained(micro_student_dir)
     rows = [{"prompt_id": "a", "prompt_ids": tokenizer("1+2=")["input_ids"]}]
     empty = TokenBatch(*(torch.zeros(1, 1) for _ in range(4)))
-    batch = with_gold(empty, model, gold.rows_for(rows, set()), tokenizer.pad_token_id, chunk_size=4)
+    seen = set()
+    batch = with_gold(empty, model, gold.rows_for(rows, seen), tokenizer.pad_token_id, 4, filler=ROLLOUT)
     ids = rows[0]["prompt_ids"] + gold.solutions["a"]
     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
     naive = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][len(rows[0]["prompt_ids"]) - 1 :]
     got = batch.gold_logprobs[batch.gold_mask > 0]
     assert got.shape == naive.shape and torch.allclose(got, naive, atol=1e-5)
+
+    # The prompt got its gold row this step: the gold forward still runs (every process runs the same
+    # forwards under FSDP2), on one token of a rollout, and adds nothing.
+    again = with_gold(empty, model, gold.rows_for(rows, seen), tokenizer.pad_token_id, 4, filler=ROLLOUT)
+    assert again.gold_logprobs.shape[0] == 1 and again.gold_logprobs.requires_grad
+    assert not again.gold_mask.any()
+
+
+ROLLOUT = {"prompt_id": "a", "sample_index": 0, "prompt_ids": [5, 6], "response_ids": [7, 8, 9]}
 
 
 # ----------------------------------------------------------------------------------------------

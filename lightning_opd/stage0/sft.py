@@ -26,6 +26,7 @@ from lightning_opd.logprobs import (
     token_logprobs_from_hidden,
     topk_logprobs_from_hidden,
 )
+from lightning_opd.scale import make_adamw, trainable_parameters
 
 IGNORE_INDEX = -100
 
@@ -51,6 +52,7 @@ class SFTTrainConfig:
     # It pins the student's accuracy, where a fixed step count lands anywhere on a steep learning curve.
     stop_at_match: float = 0.0
     check_every: int = 2
+    optim: str = "adamw"  # adamw | adamw-8bit (lightning_opd.scale.make_adamw)
 
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
@@ -168,7 +170,9 @@ def train_sft(
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_adamw(
+        trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay, optim=config.optim
+    )
 
     def lr_lambda(step: int) -> float:
         # Linear warm-up then cosine decay to 10%: the usual recipe, robust for from-scratch toy models.

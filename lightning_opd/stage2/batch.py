@@ -115,6 +115,18 @@ class StudentScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self):
+        """The student's decoder-layer classes: accelerate's FSDP2 auto-wrap makes one unit of each."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self, *args, **kwargs):
+        """The student's own weight tying. FSDP2's memory-efficient loading (accelerate) moves the
+        prepared module to the meta device and re-ties through this method; without it a tied LM head
+        would come back as a separate parameter and train apart from the embedding."""
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor,

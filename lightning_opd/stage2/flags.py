@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from lightning_opd.config import check, to_dict
 from lightning_opd.errors import ConfigError
+from lightning_opd.scale import ScaleFlags
 from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
 from lightning_opd.stage2.objectives import OBJECTIVES, Objective, make_objective
 from lightning_opd.verifiers import check_verifier
@@ -86,8 +87,9 @@ def _help(text: str, default=dataclasses.MISSING):
 
 
 @dataclass(kw_only=True)
-class TrainingFlags:
-    """Flags of every stage-two trainer. Keyword-only, so a subclass may add required fields."""
+class TrainingFlags(ScaleFlags):
+    """Flags of every stage-two trainer (the memory flags of ``ScaleFlags`` included). Keyword-only, so a
+    subclass may add required fields."""
 
     objective: str = _help("lightning | opd_plus | topk", "lightning")
     divergence: str = _help("opd_plus: reverse_kl|forward_kl|jsd|hellinger|tv|alpha", "reverse_kl")
@@ -136,7 +138,11 @@ class TrainingFlags:
     beta2: float = 0.98
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    mixed_precision: str = _help("no | bf16 | fp16 (accelerate)", "no")
+    mixed_precision: str = _help(
+        "no | bf16 | fp16 (accelerate autocast over fp32 master weights; bf16 is the GPU default to "
+        "choose; fp16 adds a loss scaler that skips overflowed steps)",
+        "no",
+    )
     chunk_size: int = _help("positions per LM-head chunk (memory bound)", 1024)
     seed: int = 0
     eval_prompts: str = _help("prompt set with answers for periodic evaluation", "")
@@ -174,6 +180,7 @@ class TrainingFlags:
         check_verifier(self.verifier)
         check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         check(self.gold_nll_coef >= 0, f"gold_nll_coef must be >= 0, got {self.gold_nll_coef}")
+        self.check_scale_flags()
 
     def build_objective(self) -> Objective:
         return objective_from_flags(self, on_policy_ref_kl=self.on_policy)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+import torch
+
 from lightning_opd.errors import InputError
 from lightning_opd.prompts import PromptRecord, load_prompts
 from lightning_opd.stage2.batch import collate, student_token_batch
@@ -75,14 +77,23 @@ class GoldSolutions:
 
 
 def with_gold(
-    token_batch: TokenBatch, model, gold_rows: list[dict], pad_id: int, chunk_size: int
+    token_batch: TokenBatch, model, gold_rows: list[dict], pad_id: int, chunk_size: int, *, filler: dict
 ) -> TokenBatch:
-    """``token_batch`` plus the student's log-probs of ``gold_rows`` (whole solutions: no horizon cut)."""
-    if not gold_rows:  # every prompt of this micro-batch got its gold row earlier in the step
-        empty = token_batch.student_logprobs.new_zeros((0, 1))
-        return dataclasses.replace(token_batch, gold_logprobs=empty, gold_mask=empty)
+    """``token_batch`` plus the student's log-probs of ``gold_rows`` (whole solutions: no horizon cut).
+
+    The gold forward runs in every micro-batch, also when all its prompts got their gold row earlier
+    in the step: then it scores one token of ``filler`` (a row of the micro-batch) with a zero gold
+    mask. Under FSDP2 every forward is a collective (the layers' all-gathers); a process that skipped
+    it while another ran it would hang both. The filler adds exactly zero to the loss and gradient.
+    """
     device = token_batch.mask.device
-    longest = max(len(r["response_ids"]) for r in gold_rows)
-    gold = collate(gold_rows, longest, pad_id).to(device)
+    if gold_rows:
+        longest = max(len(r["response_ids"]) for r in gold_rows)
+        gold = collate(gold_rows, longest, pad_id).to(device)
+    else:
+        row = {**filler, "response_ids": filler["response_ids"][:1]}
+        row.update(teacher_logprobs=[0.0], behavior_logprobs=[0.0])
+        gold = collate([row], 1, pad_id).to(device)
     scored = student_token_batch(model, gold, needs_topk=False, chunk_size=chunk_size)
-    return dataclasses.replace(token_batch, gold_logprobs=scored.student_logprobs, gold_mask=gold.mask)
+    mask = gold.mask if gold_rows else torch.zeros_like(gold.mask)
+    return dataclasses.replace(token_batch, gold_logprobs=scored.student_logprobs, gold_mask=mask)

@@ -17,6 +17,7 @@ from lightning_opd.errors import TrainingError
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.prompts import load_prompts
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
+from lightning_opd.scale import resolve_save_dtype, save_student
 from lightning_opd.stage2.batch import StudentScorer
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def write_final_model(
         state = {k.removeprefix("model."): v for k, v in state.items()}
     if not accelerator.is_main_process:
         return
-    student.save_pretrained(final, state_dict=state)
+    save_student(student, state, final, resolve_save_dtype(config.save_dtype, config.student))
     tokenizer.save_pretrained(final)
     parent = read_provenance(config.student)
     write_provenance(
@@ -190,7 +191,11 @@ def format_status(row: dict) -> str:
     ):
         if key in row:
             parts.append(f"{label} {row[key]:{fmt}}")
-    parts += [f"gnorm {row['grad_norm']:.2f}", f"{row['tokens_per_s']:.0f} tok/s"]
+    if row.get("skipped_step"):
+        parts.append("fp16 overflow: step skipped")
+    else:
+        parts.append(f"gnorm {row['grad_norm']:.2f}")
+    parts.append(f"{row['tokens_per_s']:.0f} tok/s")
     if "eval_accuracy" in row:
         parts.append(f"eval {100 * row['eval_accuracy']:.1f}%")
     return " | ".join(parts)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightning_opd.errors import TrainingError
+from lightning_opd.scale import make_adamw, trainable_parameters
 from lightning_opd.stage2.batch import check_finite, collate, student_token_batch
 from lightning_opd.stage2.drift import add_sums, drift_metrics, drift_sums
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
@@ -151,7 +152,9 @@ def _micro_batch_loss(model, chunk: list[dict], batch, inputs: UpdateInputs, see
         token_batch = dataclasses.replace(token_batch, old_logprobs=token_batch.behavior_logprobs)
     if inputs.gold is not None:
         gold_rows = inputs.gold.rows_for(chunk, seen_gold)
-        token_batch = with_gold(token_batch, model, gold_rows, inputs.pad_id, inputs.chunk_size)
+        token_batch = with_gold(
+            token_batch, model, gold_rows, inputs.pad_id, inputs.chunk_size, filler=chunk[0]
+        )
     loss, parts = inputs.objective(token_batch)
     if inputs.ref_kl_coef > 0:
         ref_rows = [{**r, "teacher_logprobs": r["ref_logprobs"]} for r in chunk]  # collate places it
@@ -165,28 +168,43 @@ def _micro_batch_loss(model, chunk: list[dict], batch, inputs: UpdateInputs, see
 
 
 def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, step: int) -> dict:
-    """Clip, refuse a non-finite norm (``step`` is 0-based), step the optimizer and scheduler, zero."""
+    """Clip, step the optimizer and scheduler, zero (``step`` is 0-based).
+
+    A non-finite gradient norm ends the run, except under fp16, where it is the loss scaler's normal
+    overflow: the step is skipped (the scaler lowers its scale; the scheduler does not advance) and
+    reported as ``skipped_step``, and training goes on.
+    """
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(torch.as_tensor(grad_norm)):
+    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+    fp16 = accelerator is not None and accelerator.mixed_precision == "fp16"
+    if not finite and not fp16:
         raise TrainingError(
             f"non-finite gradient norm at step {step + 1}; no checkpoint was written. Lower --lr"
         )
     lr = scheduler.get_last_lr()[0]  # this step's rate (scheduler.step() moves on to the next)
-    optimizer.step()
-    scheduler.step()
+    if finite or getattr(accelerator, "scaler", None) is not None:
+        optimizer.step()  # with a scaler and an overflow: skipped inside, and the scale lowered
+    skipped = not finite or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+    if not skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": float(grad_norm), "lr": lr}
+    # A skipped step's norm is inf/NaN, which is not JSON: logged as null with the skip flag.
+    return {"grad_norm": float(grad_norm) if finite else None, "lr": lr, "skipped_step": int(skipped)}
 
 
 def make_optimizer(model, flags):
-    """AdamW with the flags' betas and weight decay; a constant learning rate (as in the paper) after
-    ``flags.warmup_steps`` of linear warmup (offline, nothing resamples the damage of Adam's first
-    full-size steps away; METHODS §9)."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=flags.lr, betas=(flags.beta1, flags.beta2), weight_decay=flags.weight_decay
+    """AdamW (``flags.optim``) over the trainable parameters, with the flags' betas and weight decay; a
+    constant learning rate (as in the paper) after ``flags.warmup_steps`` of linear warmup (offline,
+    nothing resamples the damage of Adam's first full-size steps away; METHODS §9)."""
+    optimizer = make_adamw(
+        trainable_parameters(model),
+        lr=flags.lr,
+        betas=(flags.beta1, flags.beta2),
+        weight_decay=flags.weight_decay,
+        optim=flags.optim,
     )
     warmup = flags.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
