@@ -223,3 +223,52 @@ def test_vllm_sampling_on_cuda_matches_a_transformers_rescore(tmp_path):
         diffs.append((torch.tensor(r.behavior_logprobs) - naive).abs().max().item())
     # bf16 weights and activations vs fp32: ~1e-2; an off-by-one position or tempered log-probs: ~1.
     assert max(diffs) < 0.15, f"vLLM vs transformers behaviour log-probs: max |diff| {max(diffs):.3g}"
+
+
+def test_bf16_checkpointing_and_lora_on_cuda_follow_the_fp32_gradient():
+    """The one-GPU 8B recipe's step (bf16 autocast over fp32 weights, checkpointed layers, LoRA) on CUDA
+    gives the adapters the gradient a plain fp32 CPU step gives them."""
+    from lightning_opd.scale import ScaleFlags, prepare_student
+
+    base = _model().train()
+    rows = _rows(base, 4096)
+    lora = prepare_student(copy.deepcopy(base), ScaleFlags(lora_rank=4))
+    for p in lora.parameters():  # a non-zero B, so every adapter gets a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    cpu = _gradient(lora, rows)
+    checkpointing = ScaleFlags(gradient_checkpointing=True)  # on top of the adapters already there
+    gpu = prepare_student(copy.deepcopy(lora), checkpointing).cuda().train()
+    bf16 = _gradient(gpu, rows, autocast_dtype=torch.bfloat16)
+    assert bf16.shape == cpu.shape and torch.isfinite(bf16).all()
+    assert torch.nn.functional.cosine_similarity(bf16, cpu, dim=0) > 0.98
+
+
+def test_fp16_overflow_on_cuda_is_skipped_by_the_loss_scaler():
+    """With accelerate's real GradScaler: an injected inf gradient skips the step, lowers the scale and
+    the next step trains."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lightning_opd.stage2.step import apply_update, make_optimizer
+    from pipelines.train import TrainConfig
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="fp16")
+    model = _model().cuda().train()
+    rows = _rows(model, 4096)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(student="s", stores="st", out="o", lr=1e-3))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    inputs = UpdateInputs(make_objective("lightning"), horizon=32, pad_id=0, micro_batch_size=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scale = accelerator.scaler.get_scale()
+    accumulate_gradients(model, rows, inputs, step=1, accelerator=accelerator)
+    next(model.parameters()).grad[0, 0] = float("inf")
+    update = apply_update(accelerator, model, optimizer, scheduler, grad_clip=1.0, step=0)
+    assert update["skipped_step"] == 1 and accelerator.scaler.get_scale() < scale
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    accumulate_gradients(model, rows, inputs, step=2, accelerator=accelerator)
+    update = apply_update(accelerator, model, optimizer, scheduler, grad_clip=1.0, step=1)
+    assert update["skipped_step"] == 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    AcceleratorState._reset_state(reset_partial_state=True)
