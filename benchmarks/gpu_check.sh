@@ -43,12 +43,14 @@ run bench_vocab_memory 120 "$PY" benchmarks/bench_vocab_memory.py --device cuda 
 run bench_gpu_mfu 180 "$PY" benchmarks/bench_gpu_mfu.py --json "$OUT/gpu_mfu.json"
 # bf16 + gradient checkpointing + LoRA on Gemma-3-270M's shape: tokens/s, peak memory vs lopd plan
 run bench_scale 240 "$PY" benchmarks/bench_scale.py --device cuda --json "$OUT/scale.json"
+# packed vs padded stage-two micro-batches on long-tailed lengths: step time, peak memory
+run bench_packing 180 "$PY" benchmarks/bench_packing.py --device cuda
 
 echo
 echo "== summary ($OUT) =="
 cat "$OUT/summary.txt"
-for name in bench_scoring bench_vocab_memory bench_gpu_mfu bench_scale; do
+for name in bench_scoring bench_vocab_memory bench_gpu_mfu bench_scale bench_packing; do
     echo "-- $name"
-    grep -E "x$|x |MFU|method|ours|naive|vocab|lora_rank|planned|^[0-9]+ \|" "$OUT/$name.log" | tail -n 16
+    grep -E "x$|x |MFU|method|ours|naive|vocab|lora_rank|planned|^[0-9]+ \||padded|packed" "$OUT/$name.log" | tail -n 16
 done
 exit $failed

@@ -117,17 +117,21 @@ def output_head(model) -> tuple[Tensor, Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
-def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+def final_hidden_states(
+    model, input_ids: Tensor, attention_mask: Tensor | dict | None = None, position_ids: Tensor | None = None
+) -> Tensor:
     """``[B, S, H]`` hidden states after the decoder's final norm, i.e. the LM head's input.
 
-    Right padding only: positions are taken as 0..S-1, which is what a right-padded batch needs.
+    Right padding: positions are 0..S-1 unless ``position_ids`` says otherwise (a packed sequence,
+    whose ``attention_mask`` is then a 4D block-diagonal mask: ``stage2/packing.py``).
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if decoder is model:
         raise InputError(
             f"{type(model).__name__} exposes no decoder module; load it with AutoModelForCausalLM"
         )
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

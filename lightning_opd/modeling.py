@@ -126,15 +126,24 @@ def check_tokenizer_fits_model(tokenizer: PreTrainedTokenizerBase, config, where
         )
 
 
-def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "auto", tokenizer_path=None):
-    """Load (model, tokenizer) from a saved directory, with the input checks above. Eval mode."""
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer_path=None,
+    attn_implementation=None,
+):
+    """Load (model, tokenizer) from a saved directory, with the input checks above. Eval mode.
+    ``attn_implementation``: transformers' name (sdpa, eager, flash_attention_2); None = its default."""
     path = check_model_dir(path)
     dev = resolve_device(device)
     config = load_config(path)
     tokenizer = load_tokenizer(tokenizer_path or path)
     check_tokenizer_fits_model(tokenizer, config, str(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev))
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev), **extra)
     except Exception as e:  # missing, truncated or garbage weight files: many exception types, one message
         raise InputError(
             f"could not load model weights from {path} ({type(e).__name__}: {_first_line(e)}); "

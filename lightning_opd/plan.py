@@ -18,8 +18,9 @@ saved tensors are counted: a per-token slope, and a fixed part (under bf16 autoc
 of the layer's fp32 weights, kept for backward: 2 B/param over the whole model without checkpointing,
 also under FSDP2, whose all-gathers stay fp32). Times tokens and layers, that is the estimate. With
 gradient checkpointing a layer keeps only its input; the layer being recomputed in backward holds
-its full activations again. The backward pass also holds one layer's activation gradients, and the
-chunked LM head a few ``[chunk, vocab]`` fp32 buffers. ``OVERHEAD_GIB`` covers the CUDA context,
+its full activations again. The backward pass also holds the gradients in flight through one layer,
+the chunked LM head a few ``[chunk, vocab]`` fp32 buffers and its weight gradient as a fresh tensor
+(two with a tied head) before it is added to the accumulated one. ``OVERHEAD_GIB`` covers the CUDA context,
 cuBLAS workspaces and the allocator's slack.
 
 A test pins this estimate against what a whole multi-layer student saves at other lengths.
@@ -58,6 +59,7 @@ class Shapes:
     layer_params: int  # one decoder layer
     root_params: int  # everything outside the decoder layers: embedding, final norm, untied head
     lora_params_per_rank: int  # all-linear adapters of all layers, per unit of rank
+    tied: bool  # the LM head is the input embedding
     act_bytes_per_token: float  # saved by one layer for backward, checkpointing off
     act_bytes_per_layer: float  # ... and independent of tokens: autocast's bf16 copies of its weights
     ckpt_bytes_per_token: float  # saved by one layer with checkpointing (its input)
@@ -102,7 +104,7 @@ def architecture_shapes(
 ) -> Shapes:
     """``Shapes`` of ``config``: counts on the meta device, activations measured on one CPU layer."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    meta = _build(config, "meta")
+    meta = _build(copy.deepcopy(config), "meta")  # from_config rewrites the config's dtype
     layers = _decoder_layers(meta)
     unique = {id(p): p.numel() for p in meta.parameters()}  # named_parameters dedupes tied weights
     params = sum(unique.values())
@@ -118,6 +120,7 @@ def architecture_shapes(
         layer_params=layer_params,
         root_params=params - len(layers) * layer_params,
         lora_params_per_rank=lora,
+        tied=meta.get_output_embeddings().weight is meta.get_input_embeddings().weight,
         act_bytes_per_token=act,
         act_bytes_per_layer=act_fixed,
         ckpt_bytes_per_token=ckpt,
@@ -224,7 +227,7 @@ class Choice:
     tokens: int  # per micro-batch, per GPU
     optim: str = "adamw"
 
-    def flags(self, gpus: int, micro_batch_size: int) -> str:
+    def flags(self, gpus: int, micro_batch_size: int, command: str = "train") -> str:
         parts = [f"--micro-batch-size {micro_batch_size}", "--mixed-precision bf16"]
         if self.checkpointing:
             parts.append("--gradient-checkpointing")
@@ -233,7 +236,7 @@ class Choice:
         if self.optim != "adamw":
             parts.append(f"--optim {self.optim}")
         if gpus == 1:
-            launch = "lopd train"
+            launch = f"lopd {command}"
         elif self.fsdp2:
             launch = (
                 f"accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes {gpus} "
@@ -265,24 +268,46 @@ def estimate(shapes: Shapes, choice: Choice, gpus: int) -> dict[str, float]:
     else:
         kept = shapes.act_bytes_per_token * t + shapes.act_bytes_per_layer
     out["activations"] = shapes.layers * kept
-    # backward: one layer's activation gradients, and with checkpointing its recomputed activations
+    # backward: the gradients in flight through one layer (about half its saved activations, measured:
+    # BENCHMARKS.md), and with checkpointing the layer's recomputed activations on top
     one_layer = shapes.act_bytes_per_token * t + shapes.act_bytes_per_layer
-    out["backward"] = one_layer * (2 if choice.checkpointing else 1)
+    out["backward"] = one_layer * (1.5 if choice.checkpointing else 0.5)
     chunk = positions_per_chunk(1024, shapes.vocab, DEFAULT_MAX_CHUNK_LOGITS)
-    out["lm_head"] = HEAD_BUFFERS * 4 * chunk * shapes.vocab + 4 * shapes.hidden * t
+    head = shapes.vocab * shapes.hidden
+    # The head's weight gradient arrives as a fresh [vocab, hidden] fp32 tensor before it is added to the
+    # accumulated one; a tied head also holds it until the embedding's gradient joins it (two at once).
+    weight_grads = 4 * head * (2 if shapes.tied else 1) if not choice.lora_rank else 0
+    out["lm_head"] = HEAD_BUFFERS * 4 * chunk * shapes.vocab + 4 * shapes.hidden * t + weight_grads
     out["overhead"] = OVERHEAD_GIB * GIB
     out["total"] = sum(out.values())
     return out
 
 
+def resident_model_bytes(config) -> int:
+    """A frozen model kept on the GPU beside the student (the online baseline's teacher): its unique
+    parameters in the dtype its config names (bf16 unless it says fp32)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype = str(getattr(text, "dtype", None) or "bfloat16")  # read first: building sets it to fp32
+    meta = _build(copy.deepcopy(config), "meta")
+    params = sum({id(p): p.numel() for p in meta.parameters()}.values())
+    return params * (4 if "float32" in dtype else 2)
+
+
 def plan_table(
-    shapes: Shapes, *, gpus: int, gpu_memory_gib: float, tokens: list[int], lora_rank: int = 16
+    shapes: Shapes,
+    *,
+    gpus: int,
+    gpu_memory_gib: float,
+    tokens: list[int],
+    lora_rank: int = 16,
+    resident: dict[str, float] | None = None,
 ) -> list[dict]:
     """Every choice, with its estimate and whether it fits, cheapest first among those that fit.
 
     "Cheapest" is the least extra compute for the same update: full fine-tuning before LoRA (LoRA is
     another update), then no checkpointing (it costs one more forward, ~1.3x), then DDP before FSDP2
-    (less communication), then the most tokens per micro-batch (fewer, fuller steps).
+    (less communication), then the most tokens per micro-batch (fewer, fuller steps). ``resident``:
+    bytes per GPU of frozen models that share it (the online baseline's teacher and reference copy).
     """
     rows = []
     for rank in (0, lora_rank):
@@ -291,6 +316,9 @@ def plan_table(
                 for t in tokens:
                     choice = Choice(lora_rank=rank, fsdp2=fsdp2, checkpointing=ckpt, tokens=t)
                     est = estimate(shapes, choice, gpus)
+                    for name, size in (resident or {}).items():  # frozen models beside the student
+                        est[name] = size
+                        est["total"] += size
                     rows.append(
                         {
                             "choice": choice,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lightning_opd.config import check, check_writable_file, parse_number_list, write_json_atomic
-from lightning_opd.plan import GIB, architecture_shapes, load_model_config, plan_table
+from lightning_opd.plan import GIB, architecture_shapes, load_model_config, plan_table, resident_model_bytes
 
 
 @dataclass
@@ -34,6 +34,15 @@ class PlanConfig:
     precision: str = field(
         default="bf16", metadata={"help": "bf16 | no (the --mixed-precision of lopd train)"}
     )
+    teacher: str = field(
+        default="",
+        metadata={"help": "online baseline (lopd train-online): the teacher's directory or config.json; "
+                  "its weights sit on the same GPU"},
+    )  # fmt: skip
+    reference_copy: bool = field(
+        default=False,
+        metadata={"help": "online with --ref-kl-coef > 0: a frozen fp32 copy of the student as pi_ref"},
+    )
     out: str = field(default="", metadata={"help": "JSON file for the plan (default: none)"})
 
     def __post_init__(self):
@@ -43,6 +52,10 @@ class PlanConfig:
         check(self.precision in ("bf16", "no"), f"precision must be bf16 or no, got {self.precision!r}")
         check(self.sequence_length >= 1, f"sequence_length must be >= 1, got {self.sequence_length}")
         self.token_counts()  # a ConfigError naming --micro-batch-sizes when malformed
+        check(
+            not (self.teacher or self.reference_copy) or self.gpus == 1,
+            "--teacher / --reference-copy plan the online baseline, which runs in one process: pass --gpus 1",
+        )
         if self.out:
             check_writable_file(self.out, "--out")
 
@@ -60,18 +73,28 @@ def _label(choice, gpus: int) -> str:
 
 def run(config: PlanConfig, log=print) -> list[dict]:
     shapes = architecture_shapes(load_model_config(config.model), config.precision)
+    resident = {}
+    if config.teacher:
+        resident["teacher"] = resident_model_bytes(load_model_config(config.teacher))
+    if config.reference_copy:
+        resident["reference_copy"] = 4 * shapes.params
     rows = plan_table(
         shapes,
         gpus=config.gpus,
         gpu_memory_gib=config.gpu_memory_gib,
         tokens=config.token_counts(),
         lora_rank=config.lora_rank,
+        resident=resident,
     )
     log(
         f"{shapes.name}: {shapes.params / 1e9:.2f}B parameters, {shapes.layers} layers, vocab {shapes.vocab}; "
         f"activations {shapes.act_bytes_per_token / 1024:.0f} KiB/token/layer "
         f"({shapes.ckpt_bytes_per_token / 1024:.0f} with checkpointing), precision {shapes.precision}"
     )
+    for name, size in resident.items():
+        log(
+            f"online baseline: the {name.replace('_', ' ')} sits on the same GPU: {size / GIB:.1f} GiB in every row"
+        )
     log(f"{config.gpus} GPU(s) x {config.gpu_memory_gib:g} GiB; estimated peak per GPU:")
     log(f"  {'choice':28s} {'micro-batch':>11s} {'tokens':>7s} {'GiB':>8s}  fits")
     for row in sorted(rows, key=lambda r: r["peak_gib"]):
@@ -84,7 +107,10 @@ def run(config: PlanConfig, log=print) -> list[dict]:
         log("nothing fits: more GPUs (FSDP2), fewer tokens per micro-batch, or a smaller student")
     else:
         micro = best["choice"].tokens // config.sequence_length
-        log(f"cheapest that fits ({best['peak_gib']:.1f} GiB): {best['choice'].flags(config.gpus, micro)}")
+        command = "train-online" if config.teacher else "train"
+        log(
+            f"cheapest that fits ({best['peak_gib']:.1f} GiB): {best['choice'].flags(config.gpus, micro, command)}"
+        )
     if config.out:
         write_json_atomic(
             config.out,

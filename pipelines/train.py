@@ -41,6 +41,7 @@ from lightning_opd.stage2.drift import DriftWatch
 from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon, horizon_at
+from lightning_opd.stage2.packing import resolve_attn_implementation
 from lightning_opd.stage2.sharding import is_sharded, training_accelerator
 from lightning_opd.stage2.step import (
     UpdateInputs,
@@ -166,6 +167,11 @@ def run(config: TrainConfig, log=print) -> Path:
     # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = training_accelerator(config.mixed_precision, kwargs_handlers=[ddp])  # refuses FSDP1 etc.
+    if is_sharded(accelerator) and config.max_tokens_per_micro_batch:
+        raise ConfigError(
+            "--max-tokens-per-micro-batch is not available under FSDP2 yet (processes would run different "
+            "numbers of forwards, each a collective); use --micro-batch-size with --pack"
+        )
     if is_sharded(accelerator) and config.eval_prompts:
         raise ConfigError(
             "--eval-prompts is not available under FSDP2 (generation would run on sharded weights on every "
@@ -181,13 +187,19 @@ def run(config: TrainConfig, log=print) -> Path:
     stores, weights, store_horizon, topk = open_stores(config, student_fp)
     # Before any data or weights: say so when the memory plan says this will not fit the GPU.
     # The store's horizon bounds the responses; prompts come on top, so this is a lower bound.
-    tokens = config.micro_batch_size * store_horizon
-    warning = fit_warning(config, tokens=tokens, gpus=accelerator.num_processes, device=accelerator.device)
-    if warning:
-        log(warning)
+    tokens = config.max_tokens_per_micro_batch or config.micro_batch_size * store_horizon
+    if accelerator.is_main_process:
+        warning = fit_warning(
+            config, tokens=tokens, gpus=accelerator.num_processes, device=accelerator.device
+        )
+        if warning:
+            log(warning)
     set_seed(config.seed)
     # fp32 master weights whatever --mixed-precision says: bf16 weights barely move at lr 2e-6.
-    model, tokenizer = load_causal_lm(config.student, dtype="float32", device=str(accelerator.device))
+    attention = resolve_attn_implementation(config.attn_implementation, accelerator.device)
+    model, tokenizer = load_causal_lm(
+        config.student, dtype="float32", device=str(accelerator.device), attn_implementation=attention
+    )
     model = prepare_student(model, config)  # gradient checkpointing, LoRA adapters
     model.train()
     objective = config.build_objective()
@@ -224,6 +236,7 @@ def run(config: TrainConfig, log=print) -> Path:
     log(
         f"stage 2: {sum(s.num_rows for s in stores)} stored rollouts, horizon T={store_horizon}, objective {config.objective}, no teacher loaded"
     )
+    log(f"stage 2: attention {attention}{', packed micro-batches' if config.pack else ''}")
     store_rows = sum(s.num_rows for s in stores)
     watch = DriftWatch(config.drift_max_passes, config.drift_max_kl, trust_region=config.trust_region)
     vocab_size = len(tokenizer)

@@ -48,6 +48,7 @@ from lightning_opd.stage2.online import (
     optimizer_step,
     status_line,
 )
+from lightning_opd.stage2.packing import resolve_attn_implementation
 from lightning_opd.stage2.runs import (
     MetricsLog,
     due,
@@ -208,7 +209,10 @@ def run(config: OnlineConfig, log=print) -> Path:
     out = prepare_output_dir(config.out, config, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS)
     set_seed(config.seed)
     device = str(accelerator.device)  # the trainer's device; teacher and sampler share it
-    model, tokenizer = load_causal_lm(config.student, dtype="float32", device=device)
+    attention = resolve_attn_implementation(config.attn_implementation, device)
+    model, tokenizer = load_causal_lm(
+        config.student, dtype="float32", device=device, attn_implementation=attention
+    )
     teacher, _ = load_causal_lm(config.teacher, dtype=config.teacher_dtype, device=device)
     teacher.requires_grad_(False)
     # π_ref of StableOPD is the initial student; online it no longer samples, so a frozen copy scores.

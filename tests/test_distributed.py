@@ -189,9 +189,10 @@ def test_fsdp2_two_processes_match_one_and_resume_from_a_sharded_checkpoint(
 def test_fsdp2_with_lora_and_gradient_checkpointing_matches_one_process(
     sft_student_dir, micro_store, opd_prompts, tmp_path
 ):
-    """The 8B-on-a-few-GPUs configuration: adapters (frozen base weights in the same FSDP units) and
-    checkpointed layers (recomputed inside FSDP's unsharded window). Merged final model and adapter."""
-    scale = ["--lora-rank", 4, "--gradient-checkpointing", "--lr", "1e-2"]
+    """The 8B-on-a-few-GPUs configuration: adapters (frozen base weights in the same FSDP units),
+    checkpointed layers (recomputed inside FSDP's unsharded window) and packed micro-batches (the
+    block-diagonal mask through FSDP's forward). Merged final model and adapter."""
+    scale = ["--lora-rank", 4, "--gradient-checkpointing", "--pack", "--lr", "1e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run(
         [

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from conftest import run_lopd
-from transformers import Gemma3TextConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
-from lightning_opd.plan import Choice, architecture_shapes, estimate, fit_warning, layer_saved_bytes
+from lightning_opd.plan import GIB, Choice, architecture_shapes, estimate, fit_warning, layer_saved_bytes
 from lightning_opd.scale import ScaleFlags, prepare_student
 from lightning_opd.stage2.objectives import make_objective
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients, apply_update, make_optimizer
@@ -31,8 +31,6 @@ CONFIGS = {
 
 
 def _model(config):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
 
@@ -132,3 +130,42 @@ def test_the_readme_8b_commands_are_what_the_plan_says_fits(gpus):
     plan(config, log=lines.append)
     best = next(line for line in lines if line.startswith("cheapest that fits"))
     assert best in (repo / "README.md").read_text()
+
+
+def test_lopd_plan_for_the_online_baseline_counts_the_teacher_and_reference(
+    sft_student_dir, micro_teacher_dir, tmp_path
+):
+    args = ["plan", "--model", sft_student_dir, "--sequence-length", 64, "--micro-batch-sizes", "1"]
+    run_lopd(*args, "--out", tmp_path / "a.json")
+    alone = json.loads((tmp_path / "a.json").read_text())
+    online = [*args, "--teacher", micro_teacher_dir, "--reference-copy", "--out", tmp_path / "o.json"]
+    result = run_lopd(*online)
+    assert "the teacher sits on the same GPU" in result.stdout and "lopd train-online" in result.stdout
+    plan = json.loads((tmp_path / "o.json").read_text())
+    row, base = plan["rows"][0], alone["rows"][0]
+    teacher = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(micro_teacher_dir).parameters())
+    # the micro teacher is saved in fp32: 4 B/param; the reference is an fp32 copy of the student
+    assert row["parts_gib"]["teacher"] * GIB == pytest.approx(4 * teacher)
+    assert row["peak_gib"] == pytest.approx(
+        base["peak_gib"] + row["parts_gib"]["teacher"] + row["parts_gib"]["reference_copy"]
+    )
+    refused = run_lopd(*online, "--gpus", 2, check=False)
+    assert refused.returncode == 2 and "runs in one process" in refused.stderr
+
+
+def test_planned_peak_is_within_15_percent_of_a_measured_cpu_peak(tmp_path):
+    """The whole plan against a real process: two stage-two updates of the toy student at 8k tokens per
+    micro-batch, peak resident memory measured (benchmarks/bench_plan_peak.py: BENCHMARKS.md has the
+    table for three shapes at three lengths)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan_peak.py"
+    out = tmp_path / "peak.json"
+    subprocess.run(
+        [sys.executable, script, "--shapes", "toy", "--lengths", "8192", "--json", out],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (point,) = json.loads(out.read_text())
+    assert 0.85 <= point["planned/measured"] <= 1.15, point

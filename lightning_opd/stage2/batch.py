@@ -23,6 +23,7 @@ from lightning_opd.logprobs import (
     token_logprobs_from_hidden,
 )
 from lightning_opd.stage2.objectives import TokenBatch
+from lightning_opd.stage2.packing import pack
 
 
 @dataclass
@@ -135,9 +136,11 @@ class StudentScorer(torch.nn.Module):
         targets: torch.Tensor,
         topk_ids: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(log-probs of targets[where] [N], log-probs at topk_ids[where] [N, K] or None)``."""
-        hidden = final_hidden_states(self.model, input_ids, attention_mask)[:, :-1]
+        """``(log-probs of targets[where] [N], log-probs at topk_ids[where] [N, K] or None)``.
+        ``position_ids`` (and a 4D ``attention_mask``) for a packed sequence."""
+        hidden = final_hidden_states(self.model, input_ids, attention_mask, position_ids)[:, :-1]
         weight, bias = output_head(self.model)
         selected = hidden[where]  # [N, H]
         at_targets = token_logprobs_from_hidden(
@@ -156,22 +159,35 @@ def _scorer(model) -> torch.nn.Module:
     return model if isinstance(getattr(model, "module", model), StudentScorer) else StudentScorer(model)
 
 
-def student_token_batch(model, batch: Batch, *, needs_topk: bool, chunk_size: int) -> TokenBatch:
+def student_token_batch(
+    model, batch: Batch, *, needs_topk: bool, chunk_size: int, packed: bool = False
+) -> TokenBatch:
     """Recompute the student's log-probs of the stored tokens (with grad) and assemble a TokenBatch.
 
     ``model`` is a bare causal LM or a ``StudentScorer`` (as prepared by accelerate in stage two).
     The LM head runs only at trained positions (response tokens inside the horizon): prompts and
-    padding cost the decoder forward but no ``[positions, vocab]`` work.
+    padding cost the decoder forward but no ``[positions, vocab]`` work. ``packed``: the forward runs
+    on the rows concatenated into one sequence, without padding (``packing.pack``); the result is the
+    same TokenBatch.
     """
     where = batch.mask > 0
-    at_targets, at_topk = _scorer(model)(
-        batch.input_ids,
-        batch.attention_mask,
-        where,
-        batch.targets,
-        batch.teacher_topk_ids if needs_topk else None,
-        chunk_size=chunk_size,
-    )
+    scorer = _scorer(model)
+    if packed:
+        inner = getattr(scorer, "module", scorer).model
+        p = pack(batch, inner.config, needs_topk=needs_topk)
+        at_targets, at_topk = scorer(
+            p.input_ids, p.attention_mask, p.where, p.targets, p.topk_ids, chunk_size=chunk_size,
+            position_ids=p.position_ids,
+        )  # fmt: skip
+    else:
+        at_targets, at_topk = scorer(
+            batch.input_ids,
+            batch.attention_mask,
+            where,
+            batch.targets,
+            batch.teacher_topk_ids if needs_topk else None,
+            chunk_size=chunk_size,
+        )
     student = at_targets.new_zeros(batch.mask.shape, dtype=torch.float32).masked_scatter(where, at_targets)
     student_topk = None
     if needs_topk:

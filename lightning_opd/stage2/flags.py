@@ -22,6 +22,7 @@ from lightning_opd.errors import ConfigError
 from lightning_opd.scale import ScaleFlags
 from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
 from lightning_opd.stage2.objectives import OBJECTIVES, Objective, make_objective
+from lightning_opd.stage2.packing import ATTN_IMPLEMENTATIONS
 from lightning_opd.verifiers import check_verifier
 
 # objective name -> {objective option: flag}; the Composite options (ref_kl_coef, gold_nll_coef,
@@ -130,6 +131,20 @@ class TrainingFlags(ScaleFlags):
     horizon_ramp_steps: int = 0
     steps: int = 100
     micro_batch_size: int = _help("rollouts per forward pass (gradient accumulation)", 64)
+    max_tokens_per_micro_batch: int = _help(
+        "token budget per forward pass instead of --micro-batch-size rows: the step's rows grouped by "
+        "length, longest first (computed tokens: rows x longest, or their sum with --pack); 0 = off",
+        0,
+    )
+    pack: bool = _help(
+        "concatenate each micro-batch's rows into one sequence (no padding; rows kept apart by a "
+        "block-diagonal mask, or by flash-attention-2's varlen): the same log-probs and gradient",
+        False,
+    )
+    attn_implementation: str = _help(
+        "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager | flash_attention_2",
+        "auto",
+    )
     lr: float = _help("constant learning rate (paper: 2e-6 for 4-8B students)", 2e-6)
     warmup_steps: int = _help(
         "linear learning-rate warmup steps (Adam's first steps move every weight by ~lr)", 0
@@ -164,6 +179,14 @@ class TrainingFlags(ScaleFlags):
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
         check(self.micro_batch_size > 0, f"micro_batch_size must be positive, got {self.micro_batch_size}")
+        check(
+            self.max_tokens_per_micro_batch >= 0,
+            f"max_tokens_per_micro_batch must be >= 0 (0 = off), got {self.max_tokens_per_micro_batch}",
+        )
+        check(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            f"attn_implementation must be one of {' | '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}",
+        )
         check(self.lr > 0, f"lr must be positive, got {self.lr}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         check(

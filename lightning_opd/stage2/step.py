@@ -24,6 +24,7 @@ from lightning_opd.stage2.batch import check_finite, collate, student_token_batc
 from lightning_opd.stage2.drift import add_sums, drift_metrics, drift_sums
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
 from lightning_opd.stage2.objectives import on_policy_reference_kl
+from lightning_opd.stage2.packing import micro_batches
 
 
 @dataclasses.dataclass
@@ -41,6 +42,8 @@ class UpdateInputs:
     ref_kl_coef: float = 0.0  # online StableOPD: rows carry "ref_logprobs" from the frozen π_ref
     trust_region: float = 0.2  # the interval of the drift metric "drift_outside"
     gold: GoldSolutions | None = None
+    max_tokens: int = 0  # token budget per micro-batch instead of micro_batch_size rows (packing.py)
+    packed: bool = False  # one concatenated sequence per micro-batch (packing.py)
 
 
 def update_inputs(
@@ -62,6 +65,8 @@ def update_inputs(
         ref_kl_coef=flags.ref_kl_coef if flags.on_policy else 0.0,
         trust_region=flags.trust_region or 0.2,
         gold=gold,
+        max_tokens=flags.max_tokens_per_micro_batch,
+        packed=flags.pack,
     )
 
 
@@ -88,9 +93,15 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
     global_rows = len(rows) * world
-    micro = [rows[i : i + inputs.micro_batch_size] for i in range(0, len(rows), inputs.micro_batch_size)]
+    micro = micro_batches(
+        rows,
+        horizon=inputs.horizon,
+        micro_batch_size=inputs.micro_batch_size,
+        max_tokens=inputs.max_tokens,
+        packed=inputs.packed,
+    )
     totals: dict[str, float] = {}
-    loss_sum, tokens, response_tokens, gap_sum, drift = 0.0, 0, 0, 0.0, {}
+    loss_sum, tokens, computed, response_tokens, gap_sum, drift = 0.0, 0, 0, 0, 0.0, {}
     seen_gold = set(gold_seen)  # StableOPD: one gold solution per prompt per step
     for j, chunk in enumerate(micro):
         batch = collate(chunk, inputs.horizon, inputs.pad_id, inputs.topk).to(device)
@@ -112,19 +123,28 @@ def accumulate_gradients(
         gap_sum += float((token_batch.student_logprobs.detach() - batch.behavior_logprobs)[valid].abs().sum())
         loss_sum += loss.item()
         tokens += int(batch.attention_mask.sum())
+        # what the forward computes: the padded rectangle, or (packed) the rows end to end
+        computed += int(batch.attention_mask.sum()) if inputs.packed else batch.input_ids.numel()
         response_tokens += batch.num_tokens
         for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
             if k != "tokens":
                 totals[k] = totals.get(k, 0.0) + v * len(chunk) / global_rows
     counts = _all_ranks_sum(
         accelerator,
-        {"loss": loss_sum, "tokens": tokens, "response_tokens": response_tokens, "gap": gap_sum},
+        {
+            "loss": loss_sum,
+            "tokens": tokens,
+            "computed_tokens": computed,
+            "response_tokens": response_tokens,
+            "gap": gap_sum,
+        },
     )
     out = {
         **_all_ranks_sum(accelerator, totals),
         **drift_metrics(_all_ranks_sum(accelerator, drift)),
         "loss": counts["loss"],
         "tokens": int(counts["tokens"]),
+        "computed_tokens": int(counts["computed_tokens"]),
         "response_tokens": int(counts["response_tokens"]),
     }
     if inputs.ratio_to_sampler:
@@ -146,7 +166,11 @@ def _all_ranks_sum(accelerator, sums: dict[str, float]) -> dict[str, float]:
 def _micro_batch_loss(model, chunk: list[dict], batch, inputs: UpdateInputs, seen_gold: set[str]):
     """The objective's loss and metrics on one collated micro-batch (with its TokenBatch)."""
     token_batch = student_token_batch(
-        model, batch, needs_topk=inputs.objective.needs_topk, chunk_size=inputs.chunk_size
+        model,
+        batch,
+        needs_topk=inputs.objective.needs_topk,
+        chunk_size=inputs.chunk_size,
+        packed=inputs.packed,
     )
     if inputs.ratio_to_sampler:
         token_batch = dataclasses.replace(token_batch, old_logprobs=token_batch.behavior_logprobs)
