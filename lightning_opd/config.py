@@ -261,3 +261,23 @@ def _field_type(f, default):
 def config_from_args(cls: type[T], args) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def config_to_argv(config) -> list[str]:
+    """The command-line flags that ``add_dataclass_args`` + ``config_from_args`` turn back into
+    ``config`` (for starting the same job in another process). None values are left to their default."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("positional"):
+            argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

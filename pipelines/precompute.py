@@ -8,6 +8,8 @@
     lopd precompute ... --shard-index $i --num-shards N   # for i in 0..N-1
     lopd store finalize runs/store
     # the same as a Slurm job array or Ray tasks: examples/slurm/submit.sh, examples/ray_precompute.py
+    # every GPU of one machine (each worker pinned to its GPUs), then the manifest, in one command:
+    lopd precompute ... --local-workers 8
     # vLLM engines: --tensor-parallel-size/--max-num-seqs/--gpu-memory-utilization/--max-model-len
     # (sampler), --scoring-... (scorer); recorded in the manifest (sampling.engine, extra.scoring_engine)
 
@@ -34,6 +36,7 @@ from lightning_opd.stage1.build import (
     run_rollouts,
     run_scoring,
 )
+from lightning_opd.stage1.local import run_local_workers
 from lightning_opd.store import open_store
 from lightning_opd.store.files import file_lock
 from lightning_opd.verifiers import check_verifier
@@ -212,10 +215,22 @@ class PrecomputeConfig(RolloutConfig):
     scoring_max_model_len: int | None = field(
         default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_model_len"]}
     )
+    local_workers: int = field(
+        default=1,
+        metadata={
+            "help": "run N shard workers on this machine, each on its own GPUs (max of the two tensor-parallel "
+            "sizes each), then commit the store; a rerun resumes"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         check(bool(self.teacher), "precompute needs --teacher (or run `lopd rollout` alone)")
+        check(self.local_workers >= 1, f"local_workers must be >= 1, got {self.local_workers}")
+        check(
+            self.local_workers == 1 or self.num_shards == 1,
+            "--local-workers starts the shard workers itself; drop --shard-index/--num-shards",
+        )
         self.score_config()
 
     def score_config(self) -> ScoreConfig:
@@ -243,6 +258,8 @@ class PrecomputeConfig(RolloutConfig):
 
 
 def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
+    if isinstance(config, PrecomputeConfig) and config.local_workers > 1:
+        return run_local(config, log)
     prepare_output_dir(
         config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
     )
@@ -272,3 +289,15 @@ def worker_lock(config: RolloutConfig | ScoreConfig):
         "(a rerun then resumes), or choose another --out"
     )
     return file_lock(path, exclusive=True, blocking=False, busy_message=busy)
+
+
+def run_local(config: PrecomputeConfig, log=print) -> Path:
+    """``--local-workers N``: N shard workers on this machine (stage1/local.py), then the manifest."""
+    out = run_local_workers(config, "precompute", log)
+    if not (out / "manifest.json").exists():  # all done, but none saw the others finish
+        from pipelines.store_tools import FinalizeConfig, run_finalize
+
+        run_finalize(FinalizeConfig(store=str(out)))
+    open_store(out)
+    log(f"stage 1: {config.local_workers} local workers done: {out}")
+    return out
