@@ -52,13 +52,27 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every non-finite float as None: bare ``NaN``/``Infinity`` are not JSON, and strict
+    parsers (JavaScript, DuckDB's read_json, most libraries) refuse the file (an undefined interval of
+    one seed, a skipped step's gradient norm)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file, fsync and rename, so a crash never leaves half a file."""
+    """Write JSON through a temporary file, fsync and rename, so a crash never leaves half a file.
+    Strict JSON: non-finite floats are written as null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(json_safe(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -45,6 +45,16 @@ def test_micro_demo_runs_every_stage(tmp_path):
     assert (work / "store" / "manifest.json").exists()
     for name in ("lightning", "topk", "online"):
         assert (work / f"opd-{name}" / "final" / "lopd_provenance.json").exists(), name
+    # Every JSON the demo writes is strict JSON (one seed: an undefined interval is null, not NaN).
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    written = [*work.rglob("*.json"), *work.rglob("*.jsonl")]
+    assert len(written) > 10
+    for path in written:
+        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+        for line in filter(None, lines):
+            strict(line)
     # The teacher is cached: a second demo in another workdir reuses it.
     again = run_lopd("demo", "--workdir", tmp_path / "demo2", "--cache-dir", tmp_path / "cache", *MICRO)
     assert "reusing cached" in again.stdout

@@ -324,3 +324,23 @@ def test_train_online_with_lora_and_checkpointing(sft_student_dir, micro_teacher
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
     saved = load_file(out / "final" / "model.safetensors")
     assert not any("lora" in k for k in saved)
+
+
+def test_stage_two_log_probs_apply_the_models_logit_softcap(char_tokenizer):
+    """Gemma 2/3's final logit softcap: stage two's chunked head gives the log-probs of the model's own
+    forward, as stage zero and teacher scoring do (issue 22: it used to skip the softcap)."""
+    model = _gemma3(char_tokenizer).eval()
+    model.config.final_logit_softcapping = 2.0  # small, so that capping changes every log-prob
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits well past the cap (tied: the embedding grows too)
+    batch = collate(_rows(), 16, 0)
+    with torch.no_grad():
+        got = student_token_batch(model, batch, needs_topk=False, chunk_size=4).student_logprobs
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        naive = torch.log_softmax(logits.double(), -1).gather(-1, batch.targets[..., None])[..., 0]
+        uncapped_model = copy.deepcopy(model)
+        uncapped_model.config.final_logit_softcapping = None
+        uncapped = student_token_batch(uncapped_model, batch, needs_topk=False, chunk_size=4).student_logprobs
+    where = batch.mask > 0
+    torch.testing.assert_close(got[where].double(), naive[where], rtol=0, atol=1e-5)
+    assert (uncapped[where] - got[where]).abs().max() > 1e-2  # the cap matters here

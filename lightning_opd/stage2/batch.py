@@ -18,6 +18,7 @@ import torch
 from lightning_opd.errors import TrainingError
 from lightning_opd.logprobs import (
     final_hidden_states,
+    logit_postprocess,
     logprobs_at_ids_from_hidden,
     output_head,
     token_logprobs_from_hidden,
@@ -142,14 +143,29 @@ class StudentScorer(torch.nn.Module):
         ``position_ids`` (and a 4D ``attention_mask``) for a packed sequence."""
         hidden = final_hidden_states(self.model, input_ids, attention_mask, position_ids)[:, :-1]
         weight, bias = output_head(self.model)
+        # The model's own logit post-processing (Gemma 2/3's final softcap, Cohere/Granite scales), as
+        # stage zero and teacher scoring apply it: the same log-probs of the student in every stage.
+        post = logit_postprocess(self.model)
         selected = hidden[where]  # [N, H]
         at_targets = token_logprobs_from_hidden(
-            selected, weight, targets[where], bias=bias, chunk_size=chunk_size, checkpoint=True
+            selected,
+            weight,
+            targets[where],
+            bias=bias,
+            chunk_size=chunk_size,
+            checkpoint=True,
+            postprocess=post,
         )
         at_topk = None
         if topk_ids is not None:
             at_topk = logprobs_at_ids_from_hidden(
-                selected, weight, topk_ids[where], bias=bias, chunk_size=chunk_size, checkpoint=True
+                selected,
+                weight,
+                topk_ids[where],
+                bias=bias,
+                chunk_size=chunk_size,
+                checkpoint=True,
+                postprocess=post,
             )
         return at_targets, at_topk
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_opd.config import write_json_atomic
+from lightning_opd.config import json_safe, write_json_atomic
 from lightning_opd.errors import TrainingError
 from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lightning_opd.prompts import load_prompts
@@ -169,7 +169,7 @@ class MetricsLog:
         self.file = open(path, "a")  # noqa: SIM115 (held open for the run, closed by close())
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # strict JSON: NaN -> null
         self.file.flush()
 
     def close(self) -> None:
