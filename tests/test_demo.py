@@ -45,6 +45,7 @@ def test_micro_demo_runs_every_stage(tmp_path):
     assert (work / "store" / "manifest.json").exists()
     for name in ("lightning", "topk", "online"):
         assert (work / f"opd-{name}" / "final" / "lopd_provenance.json").exists(), name
+
     # Every JSON the demo writes is strict JSON (one seed: an undefined interval is null, not NaN).
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
