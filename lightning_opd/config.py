@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning_opd.errors import ConfigError, OutputExistsError
+from lightning_opd.flag_help import CHOICES, HELP
 
 T = TypeVar("T")
 
@@ -240,9 +241,11 @@ def add_dataclass_args(parser, cls) -> None:
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         # argparse %-formats help strings (for %(default)s): a literal "95%" would crash --help.
-        helptext = f.metadata.get("help", "").replace("%", "%%")
+        helptext = (f.metadata.get("help") or HELP.get(f.name, "")).replace("%", "%%")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
         extra = {k: f.metadata[k] for k in ("nargs", "choices") if k in f.metadata}
+        if "choices" not in extra and default in CHOICES.get(f.name, ()):
+            extra["choices"] = CHOICES[f.name]  # a typo refused at once, with the list
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=_field_type(f, default), help=helptext, **extra)
             continue
@@ -251,14 +254,9 @@ def add_dataclass_args(parser, cls) -> None:
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
             continue
         kind = _field_type(f, default)
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            required=required,
-            help=f"{helptext} (default: {str(default).replace('%', '%%')})",
-            **extra,
-        )
+        if not required and "(default" not in helptext:  # a required flag has none; never two
+            helptext = f"{helptext} (default: {str(default).replace('%', '%%')})"
+        parser.add_argument(flag, type=kind, default=default, required=required, help=helptext, **extra)
 
 
 def _field_type(f, default):

@@ -4,12 +4,12 @@
         --eval-prompts runs/demo/prompts/eval.jsonl --store runs/demo/store-top20 --out runs/compare
     lopd compare ... --methods lightning,topd-10,online     # a subset
     lopd compare ... --micro                                 # tiny sizes, for tests (numbers meaningless)
-    lopd compare --toy --seeds 3 --out runs/compare --readme README.md   # the findings with seeds
+    lopd compare --toy --seeds 3 --out runs/compare --readme docs/RESULTS.md   # the findings with seeds
 
 With ``--seeds N`` every method runs under seeds seed..seed+N-1 and the table reports mean ± 95% CI
 and the papers' findings as paired per-seed differences (``lightning_opd.findings``); with ``--toy``
 each seed also rebuilds the embedded toy (prompts, SFT student, store) the way ``lopd demo`` does, so
-the spread covers the whole pipeline. ``--readme`` regenerates the README's findings table.
+the spread covers the whole pipeline. ``--readme`` regenerates the findings table of docs/RESULTS.md.
 
 Without ``--store`` stage one runs first (rollouts + teacher top-k scoring, timed). Each method
 trains from the same SFT student (offline methods on the same store, online methods sampling

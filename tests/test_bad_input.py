@@ -147,8 +147,20 @@ def test_unknown_chat_template_mode(capsys, tmp_path, micro_student_dir, prompts
         if command == "rollout"
         else eval_args(micro_student_dir, prompts, *extra)
     )
-    line = lopd_error(capsys, *args)
-    assert "chat_template must be one of ('auto', 'always', 'never'), got 'sometimes'" in line
+    # argparse refuses it before anything runs, with the choices; the config refuses it too (library use)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "--chat-template: invalid choice: 'sometimes'" in err and "'always'" in err  # with the list
+    from lightning_opd.errors import ConfigError
+    from lightning_opd.prompts import check_chat_template_mode
+
+    with pytest.raises(
+        ConfigError, match=r"chat_template must be one of \('auto', 'always', 'never'\), got 'sometimes'"
+    ):
+        check_chat_template_mode("sometimes")
 
 
 @pytest.mark.parametrize(
