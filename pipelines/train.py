@@ -35,7 +35,7 @@ from lightning_opd.scale import prepare_student
 from lightning_opd.stage2 import runs
 from lightning_opd.stage2.batch import StudentScorer
 from lightning_opd.stage2.drift import DriftWatch
-from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
+from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags, warn_unused_objective_flags
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon
 from lightning_opd.stage2.offline import evaluate, offline_step, save_final
@@ -95,6 +95,7 @@ class TrainConfig(TrainingFlags):
             self.apply_esr_preset()
         self.horizon_config()
         self.build_objective()
+        warn_unused_objective_flags(self)
         parse_number_list(self.store_weights, float, "--store-weights", minimum=0)
 
     def apply_esr_preset(self) -> None:

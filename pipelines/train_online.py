@@ -38,7 +38,7 @@ from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_i
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.scale import prepare_student
 from lightning_opd.stage1.rollout import SamplingConfig
-from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags
+from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags, warn_unused_objective_flags
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon, horizon_at
 from lightning_opd.stage2.online import (
@@ -107,6 +107,7 @@ class OnlineConfig(TrainingFlags):
         self.sampling(0)
         check_horizon(self.horizon_config(), self.max_new_tokens)
         self.build_objective()
+        warn_unused_objective_flags(self)
 
     def sampling(self, step: int) -> SamplingConfig:
         """Step ``step``'s sampler settings: its own seed, the horizon in force as max_new_tokens."""

@@ -173,3 +173,35 @@ def test_same_rows_give_the_same_gradient_offline_and_online(micro_student_dir, 
     assert torch.allclose(offline, online, atol=1e-6)
     assert offline_stats["loss"] == pytest.approx(online_stats["loss"], abs=1e-6)
     assert online_stats["sampler_logprob_gap"] < 1e-5
+
+
+def test_flags_of_another_objective_are_warned_about_once_by_name():
+    import warnings
+
+    from lightning_opd.stage2.flags import warn_unused_objective_flags
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainConfig(student="s", stores="st", out="o")  # the defaults: nothing to say
+        TrainConfig(student="s", stores="st", out="o", preset="esr")  # a preset switching objective: neither
+        assert not caught, [str(w.message) for w in caught]
+        config = TrainConfig(
+            student="s",
+            stores="st",
+            out="o",
+            objective="topk",
+            clip_eps=0.2,
+            trust_region=0,
+            divergence="jsd",
+        )
+    messages = [str(w.message) for w in caught]
+    assert (
+        "--clip-eps applies to --objective lightning / opd_plus; it is ignored with --objective topk"
+        in messages
+    )
+    assert "--divergence applies to --objective opd_plus; it is ignored with --objective topk" in messages
+    assert len(messages) == 3  # clip-eps, trust-region, divergence: each once
+    assert warn_unused_objective_flags(TrainConfig(student="s", stores="st", out="o", topk_kind="gjsd")) == [
+        "--topk-kind applies to --objective topk; it is ignored with --objective lightning"
+    ]
+    assert config.objective == "topk"

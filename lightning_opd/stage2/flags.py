@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -81,6 +82,27 @@ def objective_from_flags(flags, *, on_policy_ref_kl: bool = False) -> Objective:
         ref_kl_estimator=flags.ref_kl_estimator,
         **options,
     )
+
+
+def warn_unused_objective_flags(flags) -> list[str]:
+    """Warn, once per flag, about objective flags set away from their default that the chosen objective
+    does not read (e.g. ``--clip-eps`` with ``--objective topk``): they would be ignored silently.
+    Returns the warnings (for tests)."""
+    used = set(OBJECTIVE_FLAGS[flags.objective].values())
+    defaults = {f.name: f.default for f in dataclasses.fields(flags)}
+    owners: dict[str, list[str]] = {}
+    for objective, options in OBJECTIVE_FLAGS.items():
+        for flag in options.values():
+            if flag not in used and getattr(flags, flag) != defaults.get(flag):
+                owners.setdefault(flag, []).append(objective)
+    messages = [
+        f"--{flag.replace('_', '-')} applies to --objective {' / '.join(sorted(set(objs)))}; it is ignored "
+        f"with --objective {flags.objective}"
+        for flag, objs in owners.items()
+    ]
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
+    return messages
 
 
 def _help(text: str, default=dataclasses.MISSING):
