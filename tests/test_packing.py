@@ -143,3 +143,20 @@ def test_train_with_budget_and_packing_end_to_end(sft_student_dir, micro_store, 
     for a, b in zip(padded, packed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["tokens"] == a["tokens"]
         assert b["computed_tokens"] == b["tokens"] < a["computed_tokens"]
+
+
+def test_packing_keeps_a_mistral_style_sliding_window(char_tokenizer):
+    """No layer types, one window for every layer (Mistral): rows longer than it still match padding."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=3, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    batch = collate(_rows(), 16, 0)
+    with torch.no_grad():
+        padded = student_token_batch(model, batch, needs_topk=False, chunk_size=8)
+        packed = student_token_batch(model, batch, needs_topk=False, chunk_size=8, packed=True)
+    torch.testing.assert_close(packed.student_logprobs, padded.student_logprobs, rtol=0, atol=1e-5)

@@ -137,10 +137,11 @@ def _attention_mask(segment: torch.Tensor, position: torch.Tensor, config):
     allowed = {"full_attention": same_row & causal}
     layer_types = set(getattr(config, "layer_types", None) or [])
     window = getattr(config, "sliding_window", None)
+    in_window = (position[:, None] - position[None, :] < window) if window else None
     if "sliding_attention" in layer_types and window:
-        allowed["sliding_attention"] = allowed["full_attention"] & (
-            position[:, None] - position[None, :] < window
-        )
+        allowed["sliding_attention"] = allowed["full_attention"] & in_window
+    elif not layer_types and window:  # Mistral-style: one sliding window for every layer
+        allowed["full_attention"] = allowed["full_attention"] & in_window
     if implementation == "eager":
         minimum = torch.finfo(torch.float32).min
         masks = {
