@@ -178,8 +178,16 @@ def encode_prompt(tokenizer, text: str, chat_template: str = "auto") -> list[int
         chat_template == "auto" and getattr(tokenizer, "chat_template", None)
     )
     if use_template:
+        # The template writes its own special tokens (Gemma's <bos> included): none added on top.
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Without a template: BOS exactly when the tokenizer itself would add one (Gemma and Llama do,
+    # Qwen and the toy do not; a model trained with BOS degrades without it), and never an EOS, which
+    # some tokenizers append by default and which would end the prompt.
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer(text)["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids

@@ -181,3 +181,20 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
     with pytest.raises(OutputExistsError, match="holds no config.json"):
         prepare_output_dir(tmp_path / "foreign", a)
     assert (tmp_path / "foreign" / "data.bin").read_text() == "x"
+
+
+def test_bos_without_a_chat_template_follows_the_tokenizer_and_never_an_eos():
+    """Issue 22: without a template a prompt gets BOS exactly when the tokenizer adds one by itself
+    (Gemma, Llama), once, and no EOS even from a tokenizer that appends one by default."""
+    from lightning_opd.toy.tokenizer import build_char_tokenizer
+
+    plain = build_char_tokenizer()  # adds nothing by default: nothing added (the toy's stores unchanged)
+    assert encode_prompt(plain, "1+2=") == plain("1+2=", add_special_tokens=False)["input_ids"]
+    with_bos = build_char_tokenizer()
+    with_bos.add_bos_token = True
+    with_bos.add_eos_token = True
+    with_bos.update_post_processor()
+    assert with_bos("1+2=")["input_ids"][-1] == with_bos.eos_token_id  # this tokenizer appends EOS
+    ids = encode_prompt(with_bos, "1+2=")
+    assert ids == [with_bos.bos_token_id, *plain("1+2=", add_special_tokens=False)["input_ids"]]
+    assert encode_prompt(with_bos, "1+2=", chat_template="never") == ids
