@@ -79,7 +79,8 @@ OBJECTIVES = {
 
 def _gradient(model, rows, objective, **kwargs):
     model = copy.deepcopy(model).train()
-    inputs = UpdateInputs(objective=objective, horizon=10, pad_id=0, topk=K, micro_batch_size=3, **kwargs)
+    kwargs = {"micro_batch_size": 3, **kwargs}
+    inputs = UpdateInputs(objective=objective, horizon=10, pad_id=0, topk=K, **kwargs)
     stats = accumulate_gradients(model, rows, inputs, step=1)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, stats
 
@@ -160,3 +161,25 @@ def test_packing_keeps_a_mistral_style_sliding_window(char_tokenizer):
         padded = student_token_batch(model, batch, needs_topk=False, chunk_size=8)
         packed = student_token_batch(model, batch, needs_topk=False, chunk_size=8, packed=True)
     torch.testing.assert_close(packed.student_logprobs, padded.student_logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["lightning", "opd_plus", "topk"])
+def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(char_tokenizer, objective):
+    """Issue 22: adv_mean and the other token means describe the batch, not its micro-batches."""
+    from lightning_opd.stage2.objectives import TOKEN_MEAN_METRICS
+
+    model, rows = _models(char_tokenizer)["toy-sdpa"], _rows()
+    stats = [
+        _gradient(model, rows, OBJECTIVES[objective], **kwargs)[1]
+        for kwargs in (
+            {},
+            {"micro_batch_size": 1},
+            {"micro_batch_size": 7},
+            {"max_tokens": 20, "packed": True},
+        )
+    ]
+    keys = TOKEN_MEAN_METRICS & set(stats[0])
+    assert keys
+    for other in stats[1:]:
+        for key in keys:
+            assert other[key] == pytest.approx(stats[0][key], rel=1e-5, abs=1e-7), key

@@ -123,6 +123,14 @@ def reduce_tokens(per_token: Tensor, mask: Tensor, sample_reduction: str = "sum"
     return per_sample.sum() / has_tokens.sum().clamp_min(1)
 
 
+# Metrics that are means over the micro-batch's valid tokens: the update step averages them weighted by
+# tokens, so that they describe the whole batch whatever its split into micro-batches.
+TOKEN_MEAN_METRICS = frozenset(
+    {"adv_mean", "log_ratio_mean", "kl_student_teacher", "clip_frac", "f_divergence", "topk_divergence",
+     "teacher_topk_mass", "student_topk_mass"}
+)  # fmt: skip
+
+
 def _token_mean(x: Tensor, valid: Tensor) -> Tensor:
     """Mean over all valid tokens of the batch (metrics only)."""
     x = torch.where(valid, x, torch.zeros_like(x))

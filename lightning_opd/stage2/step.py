@@ -23,7 +23,7 @@ from lightning_opd.scale import make_adamw, trainable_parameters
 from lightning_opd.stage2.batch import check_finite, collate, student_token_batch
 from lightning_opd.stage2.drift import add_sums, drift_metrics, drift_sums
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
-from lightning_opd.stage2.objectives import on_policy_reference_kl
+from lightning_opd.stage2.objectives import TOKEN_MEAN_METRICS, on_policy_reference_kl
 from lightning_opd.stage2.packing import micro_batches
 
 
@@ -101,6 +101,8 @@ def accumulate_gradients(
         packed=inputs.packed,
     )
     totals: dict[str, float] = {}
+    token_sums: dict[str, float] = {}
+    metric_tokens = 0.0  # valid tokens the objective's token-mean metrics were taken over
     loss_sum, tokens, computed, response_tokens, gap_sum, drift = 0.0, 0, 0, 0, 0.0, {}
     seen_gold = set(gold_seen)  # StableOPD: one gold solution per prompt per step
     for j, chunk in enumerate(micro):
@@ -126,8 +128,11 @@ def accumulate_gradients(
         # what the forward computes: the padded rectangle, or (packed) the rows end to end
         computed += int(batch.attention_mask.sum()) if inputs.packed else batch.input_ids.numel()
         response_tokens += batch.num_tokens
-        for k, v in parts.items():  # objective metrics, averaged over micro-batches by rows
-            if k != "tokens":
+        metric_tokens += parts.get("tokens", 0)
+        for k, v in parts.items():  # objective metrics: token means weighted by tokens, others by rows
+            if k in TOKEN_MEAN_METRICS:
+                token_sums[k] = token_sums.get(k, 0.0) + v * parts.get("tokens", 0)
+            elif k != "tokens":
                 totals[k] = totals.get(k, 0.0) + v * len(chunk) / global_rows
     counts = _all_ranks_sum(
         accelerator,
@@ -139,8 +144,11 @@ def accumulate_gradients(
             "gap": gap_sum,
         },
     )
+    token_sums = _all_ranks_sum(accelerator, {**token_sums, "_tokens": metric_tokens})
+    valid_tokens = max(1.0, token_sums.pop("_tokens"))
     out = {
         **_all_ranks_sum(accelerator, totals),
+        **{k: v / valid_tokens for k, v in token_sums.items()},
         **drift_metrics(_all_ranks_sum(accelerator, drift)),
         "loss": counts["loss"],
         "tokens": int(counts["tokens"]),
