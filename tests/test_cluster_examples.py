@@ -111,7 +111,7 @@ def test_slurm_finalize_refuses_an_incomplete_store(
 
 
 # Slow: a local Ray instance plus three workers that each import torch take minutes on 2 shared cores
-# (ray itself is not in the dev extra; see the README's "Stage one on a cluster").
+# (ray itself is not in the dev extra; see docs/CLUSTER.md).
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ray_example(tmp_path, single_store, sft_student_dir, micro_teacher_dir, opd_prompts):
