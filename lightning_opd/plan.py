@@ -1,6 +1,6 @@
 """The memory plan of stage two: the estimated peak per GPU of each way to train a student.
 
-    lopd plan --model runs/sft --tokens 16384 --gpus 8 --gpu-memory-gib 80
+    lopd plan --model runs/sft --sequence-length 16384 --gpus 8 --gpu-memory-gib 80
 
 Everything but the activations is arithmetic on the parameter counts of the architecture, built on
 the meta device from ``config.json`` (no weights read):
@@ -29,7 +29,6 @@ A test pins this estimate against what a whole multi-layer student saves at othe
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +86,15 @@ def _decoder_layers(model):
     return layers
 
 
+def _text(config):
+    """The language model's part of a config (a multimodal config holds it inside)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied head once
+
+
 def _build(config, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -103,11 +111,10 @@ def architecture_shapes(
     config, precision: str = "bf16", measure_tokens: tuple[int, int] = (32, 64)
 ) -> Shapes:
     """``Shapes`` of ``config``: counts on the meta device, activations measured on one CPU layer."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text(config)
     meta = _build(copy.deepcopy(config), "meta")  # from_config rewrites the config's dtype
     layers = _decoder_layers(meta)
-    unique = {id(p): p.numel() for p in meta.parameters()}  # named_parameters dedupes tied weights
-    params = sum(unique.values())
+    params = _num_params(meta)
     layer_params = sum(p.numel() for p in layers[0].parameters())
     lora = _lora_params_per_rank(layers)
     (act, act_fixed), (ckpt, ckpt_fixed) = _measure_layer(config, precision, measure_tokens)
@@ -131,7 +138,7 @@ def architecture_shapes(
 
 def _one_layer_config(config):
     small = copy.deepcopy(config)
-    text = small.get_text_config() if hasattr(small, "get_text_config") else small
+    text = _text(small)
     text.num_hidden_layers = 1
     if getattr(text, "layer_types", None):
         # the global-attention layer type when there is one: its saved tensors are the larger
@@ -286,11 +293,8 @@ def estimate(shapes: Shapes, choice: Choice, gpus: int) -> dict[str, float]:
 def resident_model_bytes(config) -> int:
     """A frozen model kept on the GPU beside the student (the online baseline's teacher): its unique
     parameters in the dtype its config names (bf16 unless it says fp32)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    dtype = str(getattr(text, "dtype", None) or "bfloat16")  # read first: building sets it to fp32
-    meta = _build(copy.deepcopy(config), "meta")
-    params = sum({id(p): p.numel() for p in meta.parameters()}.values())
-    return params * (4 if "float32" in dtype else 2)
+    dtype = str(getattr(_text(config), "dtype", None) or "bfloat16")
+    return _num_params(_build(copy.deepcopy(config), "meta")) * (4 if "float32" in dtype else 2)
 
 
 def plan_table(
@@ -337,10 +341,6 @@ def plan_table(
         )
     )
     return rows
-
-
-def shapes_to_json(shapes: Shapes) -> str:
-    return json.dumps(shapes.__dict__, indent=2)
 
 
 def fit_warning(config, *, tokens: int, gpus: int, device) -> str | None:

@@ -187,7 +187,9 @@ def encode_prompt(tokenizer, text: str, chat_template: str = "auto") -> list[int
     # Without a template: BOS exactly when the tokenizer itself would add one (Gemma and Llama do,
     # Qwen and the toy do not; a model trained with BOS degrades without it), and never an EOS, which
     # some tokenizers append by default and which would end the prompt.
+    # Whether it would is a property of the tokenizer, not of the text: probed on "" (no second
+    # encoding of every prompt).
     bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer(text)["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+    if bos is not None and tokenizer("")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
         ids = [bos, *ids]
     return ids
