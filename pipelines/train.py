@@ -40,7 +40,7 @@ from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon
 from lightning_opd.stage2.offline import evaluate, offline_step, save_final
 from lightning_opd.stage2.packing import resolve_attn_implementation
-from lightning_opd.stage2.sharding import is_sharded, training_accelerator
+from lightning_opd.stage2.sharding import training_accelerator
 from lightning_opd.stage2.step import make_optimizer, update_inputs
 from lightning_opd.store import RolloutStream, RowFilter, open_store
 from lightning_opd.store.rowcheck import check_rows
@@ -160,12 +160,12 @@ def run(config: TrainConfig, log=print) -> Path:
     # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = training_accelerator(config.mixed_precision, kwargs_handlers=[ddp])  # refuses FSDP1 etc.
-    if is_sharded(accelerator) and config.max_tokens_per_micro_batch:
+    if accelerator.is_fsdp2 and config.max_tokens_per_micro_batch:
         raise ConfigError(
             "--max-tokens-per-micro-batch is not available under FSDP2 yet (processes would run different "
             "numbers of forwards, each a collective); use --micro-batch-size with --pack"
         )
-    if is_sharded(accelerator) and config.eval_prompts:
+    if accelerator.is_fsdp2 and config.eval_prompts:
         raise ConfigError(
             "--eval-prompts is not available under FSDP2 (generation would run on sharded weights on every "
             "process); drop it and evaluate the trained model with `lopd eval --model OUT/final ...`"

@@ -116,11 +116,11 @@ def pack(batch, config, *, needs_topk: bool) -> PackedInputs:
             topk.append(
                 torch.cat([batch.teacher_topk_ids[b, : n - 1], batch.teacher_topk_ids.new_zeros(1, k)])
             )
-    segment = torch.cat(segments)
+    position = torch.cat(positions)
     return PackedInputs(
         input_ids=torch.cat(ids)[None],
-        position_ids=torch.cat(positions)[None],
-        attention_mask=_attention_mask(segment, torch.cat(positions), config),
+        position_ids=position[None],
+        attention_mask=_attention_mask(torch.cat(segments), position, config),
         where=torch.cat(where)[:-1][None],
         targets=torch.cat(targets)[:-1][None],
         topk_ids=torch.cat(topk)[:-1][None] if needs_topk else None,

@@ -64,10 +64,6 @@ def check_distributed(distributed_type: DistributedType, fsdp_version: int | Non
         raise ConfigError(f"lopd train does not support {names[distributed_type]}; {FSDP2_HOW}")
 
 
-def is_sharded(accelerator) -> bool:
-    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
-
-
 def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch
 
