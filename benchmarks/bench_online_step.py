@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_opd.logprobs import score_sequences  # noqa: E402
+from lightning_opd.scoring import score_sequences  # noqa: E402
 from lightning_opd.stage1.rollout import SamplingConfig  # noqa: E402
 from lightning_opd.stage2.objectives import make_objective  # noqa: E402
 from lightning_opd.stage2.online import rollout_rows, sample_rollouts  # noqa: E402

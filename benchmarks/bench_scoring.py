@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lightning_opd.logprobs import bare_forward, score_sequences
+from lightning_opd.scoring import bare_forward, score_sequences
 
 
 def build(vocab: int, hidden: int, layers: int, dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:

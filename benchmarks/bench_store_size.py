@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from lightning_opd.store.reader import open_store
 from storage_schemas import logprob_store_v1 as fmt
+from storage_schemas.logprob_store_v1 import encoding
 
 ID_COLUMNS = ("prompt_ids", "response_ids", "teacher_topk_ids")
 
@@ -75,7 +76,7 @@ def _leaves(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def _with_leaf(table: pa.Table, leaf: pa.DataType) -> pa.Table:
     """``table`` (float32 log-probs) with its log-prob leaves cast to ``leaf`` (e.g. float16)."""
-    schema = fmt._logprob_schema(table, leaf)
+    schema = encoding._logprob_schema(table, leaf)
     return table.cast(schema)
 
 
@@ -149,7 +150,7 @@ def variants(root: Path) -> None:
 
 def _topk_leaves(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(outer offsets, inner offsets, ids [n, k], log-probs [n, k]) of a table without null top-k rows."""
-    outer, inner, ids, logprobs, _ = fmt._topk_lists(table)
+    outer, inner, ids, logprobs, _ = encoding._topk_lists(table)
     return outer, inner, ids.reshape(-1, k).astype(np.int64), logprobs.reshape(-1, k).astype(np.float64)
 
 
@@ -165,7 +166,7 @@ def topk_layouts(table: pa.Table, k: int) -> list[tuple[str, dict[str, pa.Array]
     outer, inner, ids, lp = _topk_leaves(table, k)
 
     def nested(values: np.ndarray, leaf: pa.DataType) -> pa.Array:
-        return fmt._nested(outer, inner, values.ravel(), leaf, None)
+        return encoding._nested(outer, inner, values.ravel(), leaf, None)
 
     def codes(scale: int) -> np.ndarray:
         return np.clip(np.rint(-lp * scale), 0, fmt.FIXED16_MAX_CODE).astype(np.int64)

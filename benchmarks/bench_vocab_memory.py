@@ -42,7 +42,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_opd.logprobs import score_sequences  # noqa: E402
+from lightning_opd.scoring import score_sequences  # noqa: E402
 from lightning_opd.stage0.sft import SFTExample, collate_sft, response_nll  # noqa: E402
 from lightning_opd.stage2.batch import collate  # noqa: E402
 from lightning_opd.stage2.objectives import TokenBatch, make_objective  # noqa: E402

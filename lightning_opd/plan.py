@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lightning_opd.errors import InputError
-from lightning_opd.logprobs import DEFAULT_MAX_CHUNK_LOGITS, positions_per_chunk
+from lightning_opd.logprobs import DEFAULT_MAX_CHUNK_LOGITS, positions_per_chunk, text_config
 
 GIB = 1024**3
 OVERHEAD_GIB = 2.0
@@ -86,11 +86,6 @@ def _decoder_layers(model):
     return layers
 
 
-def _text(config):
-    """The language model's part of a config (a multimodal config holds it inside)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied head once
 
@@ -111,7 +106,7 @@ def architecture_shapes(
     config, precision: str = "bf16", measure_tokens: tuple[int, int] = (32, 64)
 ) -> Shapes:
     """``Shapes`` of ``config``: counts on the meta device, activations measured on one CPU layer."""
-    text = _text(config)
+    text = text_config(config)
     meta = _build(copy.deepcopy(config), "meta")  # from_config rewrites the config's dtype
     layers = _decoder_layers(meta)
     params = _num_params(meta)
@@ -138,7 +133,7 @@ def architecture_shapes(
 
 def _one_layer_config(config):
     small = copy.deepcopy(config)
-    text = _text(small)
+    text = text_config(small)
     text.num_hidden_layers = 1
     if getattr(text, "layer_types", None):
         # the global-attention layer type when there is one: its saved tensors are the larger
@@ -293,7 +288,7 @@ def estimate(shapes: Shapes, choice: Choice, gpus: int) -> dict[str, float]:
 def resident_model_bytes(config) -> int:
     """A frozen model kept on the GPU beside the student (the online baseline's teacher): its unique
     parameters in the dtype its config names (bf16 unless it says fp32)."""
-    dtype = str(getattr(_text(config), "dtype", None) or "bfloat16")
+    dtype = str(getattr(text_config(config), "dtype", None) or "bfloat16")
     return _num_params(_build(copy.deepcopy(config), "meta")) * (4 if "float32" in dtype else 2)
 
 

@@ -29,6 +29,8 @@ from lightning_opd.store.summary import summarize_store
 from lightning_opd.store.verify import verify_store
 from pipelines import precompute, train
 from storage_schemas import logprob_store_v1 as fmt
+from storage_schemas.logprob_store_v1.encoding import _delta_decode, _delta_encode
+from storage_schemas.logprob_store_v1.header import _get_dotted
 
 QUIET = {"log": lambda *_: None}
 
@@ -72,9 +74,9 @@ def test_codec_matches_a_naive_encode_decode_and_keeps_the_stated_bound():
     # wrap-around (a later rank more likely than the one before it).
     codes = np.array([5, 9, 2, 65535, 0, 7, 7, 1], dtype=np.uint16)
     offsets = np.array([0, 3, 3, 5, 8])
-    deltas = fmt._delta_encode(codes, offsets)
+    deltas = _delta_encode(codes, offsets)
     assert deltas.tolist() == [5, 4, (2 - 9) % 2**16, 65535, 1, 7, 0, (1 - 7) % 2**16]
-    np.testing.assert_array_equal(fmt._delta_decode(deltas, offsets), codes)
+    np.testing.assert_array_equal(_delta_decode(deltas, offsets), codes)
     table = pa.table({"teacher_logprobs": pa.array([[-1.0, -33.0], [-50.0]], pa.list_(pa.float32()))})
     assert fmt.count_clamped(table, encoding) == 2
 
@@ -99,7 +101,7 @@ def test_encoding_section_is_validated():
 def test_a_header_without_encoding_keeps_its_store_id():
     # The id of a 1.0/1.1 header: sha256 of its identity fields only (what those versions computed).
     header = make_header(topk=2)
-    old = {name: fmt._get_dotted(header, name) for name in fmt.IDENTITY_FIELDS}
+    old = {name: _get_dotted(header, name) for name in fmt.IDENTITY_FIELDS}
     expected = hashlib.sha256(
         json.dumps(old, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     ).hexdigest()
@@ -207,6 +209,7 @@ def test_compact_and_float32_parts_never_mix(tmp_path):
 def test_a_format_1_1_store_still_reads(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(fmt, "FORMAT_VERSION", "1.1")
+        m.setattr(fmt.layout, "FORMAT_VERSION", "1.1")
         root = write_store(tmp_path / "old", num_parts=2, topk=2, with_sampling=True)
     path = root / fmt.MANIFEST_FILE
     manifest = json.loads(path.read_text())
@@ -280,8 +283,8 @@ def _topk_table(rows: list[list[tuple[list[int], list[float]]] | None]) -> pa.Ta
     lps = [None if r is None else [p[1] for p in r] for r in rows]
     return pa.table(
         {
-            "teacher_topk_ids": pa.array(ids, fmt._list_of(fmt._list_of(pa.int32()))),
-            "teacher_topk_logprobs": pa.array(lps, fmt._list_of(fmt._list_of(pa.float32()))),
+            "teacher_topk_ids": pa.array(ids, fmt.list_of(fmt.list_of(pa.int32()))),
+            "teacher_topk_logprobs": pa.array(lps, fmt.list_of(fmt.list_of(pa.float32()))),
         }
     )
 
@@ -402,14 +405,22 @@ def test_a_1_2_reader_refuses_a_compact_topk_store_and_reads_the_rest(tmp_path, 
     tools.compact_store(src, dst, topk_scale=32, **QUIET)
     # A 1.2 release: format 1.2, and its encoding check accepts only its own section.
     monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.2")
+    monkeypatch.setattr(fmt.layout, "FORMAT_VERSION", "1.2")
     monkeypatch.setattr(fmt, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2))
+    monkeypatch.setattr(
+        fmt.encoding, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2)
+    )
     with pytest.warns(UserWarning, match="newer than 1.2"), pytest.raises(StoreError, match="encoding"):
         open_store(dst)
     plain = tmp_path / "plain"
     monkeypatch.undo()
     tools.compact_store(src, plain, **QUIET)
     monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.2")
+    monkeypatch.setattr(fmt.layout, "FORMAT_VERSION", "1.2")
     monkeypatch.setattr(fmt, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2))
+    monkeypatch.setattr(
+        fmt.encoding, "fixed16_encoding", lambda scale=2048, topk_scale=None: dict(ENCODING_1_2)
+    )
     with pytest.warns(UserWarning, match="newer than 1.2"):
         assert open_store(plain).manifest.encoding == ENCODING_1_2
 

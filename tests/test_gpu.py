@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lightning_opd.logprobs import score_sequences
+from lightning_opd.scoring import score_sequences
 from lightning_opd.stage2.objectives import make_objective
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients
 

@@ -17,17 +17,15 @@ from transformers import (
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.logprobs import (
     LogitPostprocess,
-    bare_forward,
     final_hidden_states,
     logit_postprocess,
     logprobs_at_ids_from_hidden,
     output_head,
-    plan_batches,
     positions_per_chunk,
-    score_sequences,
     token_logprobs_from_hidden,
     topk_logprobs_from_hidden,
 )
+from lightning_opd.scoring import bare_forward, plan_batches, score_sequences
 
 V, H = 37, 8
 

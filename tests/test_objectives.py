@@ -15,13 +15,13 @@ from lightning_opd.stage2.objectives import (
     LightningOPD,
     TokenBatch,
     TopKDivergence,
-    _kl_student_teacher_estimate,
     f_divergence_value,
     make_objective,
     opd_plus_advantage,
     reduce_tokens,
     reference_kl,
 )
+from lightning_opd.stage2.objectives.base import _kl_student_teacher_estimate
 
 D = torch.float64
 

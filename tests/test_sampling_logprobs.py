@@ -160,6 +160,7 @@ def test_a_format_1_0_store_without_the_column_still_reads_and_trains(
     old = tmp_path / "old"
     with monkeypatch.context() as m:
         m.setattr(fmt, "FORMAT_VERSION", "1.0")
+        m.setattr(fmt.layout, "FORMAT_VERSION", "1.0")
         options = fmt.schema_options([c for c in source.columns if c != COLUMN], source.manifest.topk_k)
         writer = StoreWriter(old, source.manifest.header(), num_parts=len(source.shard_paths), **options)
         for part in range(len(source.shard_paths)):

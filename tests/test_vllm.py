@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lightning_opd.errors import ConfigError, InputError
-from lightning_opd.logprobs import score_sequences
+from lightning_opd.scoring import score_sequences
 from lightning_opd.stage1.rollout import SamplingConfig, TransformersSampler
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 

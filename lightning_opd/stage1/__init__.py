@@ -6,5 +6,5 @@
 - ``samplers``: ``make_sampler`` picks one;
 - ``build``: the part-by-part work of ``lopd rollout`` / ``score`` / ``precompute``.
 
-Teacher scoring itself is ``lightning_opd.logprobs.score_sequences`` (the kernels every stage uses).
+Teacher scoring itself is ``lightning_opd.scoring.score_sequences`` (on the kernels of ``lightning_opd.logprobs`` that every stage uses).
 """

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError, StoreError
-from lightning_opd.logprobs import score_sequences
 from lightning_opd.modeling import (
     check_same_tokenizer,
     load_causal_lm,
@@ -29,6 +28,7 @@ from lightning_opd.modeling import (
     resolve_dtype,
 )
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash, unencodable
+from lightning_opd.scoring import score_sequences
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.store import StoreWriter

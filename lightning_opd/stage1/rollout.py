@@ -37,6 +37,7 @@ import torch
 
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
+from lightning_opd.logprobs import text_config
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -305,11 +306,9 @@ class TransformersSampler:
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        text_config = (
-            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        )
+        text = text_config(model.config)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_context = int(max_context or text_config.max_position_embeddings)
+        self.max_context = int(max_context or text.max_position_embeddings)
 
     def sample(
         self, prompt_ids: list[list[int]], prompt_keys: list[str], seed: int | None = None

@@ -13,7 +13,7 @@ Log-prob semantics: the scorer starts the engine with ``logprobs_mode="raw_logpr
 default, set explicitly so that a changed default cannot silently change the store): the log-softmax
 of the model's logits before temperature, penalties and top-p, i.e.
 ``storage_schemas.logprob_store_v1.BEHAVIOR_LOGPROBS_DISTRIBUTION``, and the same raw distribution the transformers scorer
-(``lightning_opd.logprobs.score_sequences``) gives for the teacher. The sampler needs both: it starts
+(``lightning_opd.scoring.score_sequences``) gives for the teacher. The sampler needs both: it starts
 the engine with ``logprobs_mode="processed_logprobs"`` (``SAMPLING_LOGPROBS_DISTRIBUTION``),
 so each sampled token's log-prob is under the distribution it was drawn from (vLLM 0.32's sampler:
 logits / temperature, top-k/top-p masked to -inf, then log_softmax, i.e. renormalised over the
@@ -34,7 +34,7 @@ import numpy as np
 
 from lightning_opd.config import check
 from lightning_opd.errors import ConfigError, InputError
-from lightning_opd.logprobs import ScoredSequence
+from lightning_opd.scoring import ScoredSequence
 from lightning_opd.stage1.rollout import (
     DTYPES,
     Rollout,
@@ -336,7 +336,7 @@ def _generation_config(model_dir: str):
 class VLLMScorer:
     """Teacher scoring through vLLM: one prefill over prompt+response, ``prompt_logprobs=topk``.
 
-    Returns the same ``ScoredSequence`` records as ``lightning_opd.logprobs.score_sequences``.
+    Returns the same ``ScoredSequence`` records as ``lightning_opd.scoring.score_sequences``.
     ``max_logprobs`` of the engine caps ``topk`` (vLLM's default is 20); pass
     ``VLLMEngineConfig(max_logprobs=k)`` for more. vLLM does not budget prompt-logprob memory
     (it computes logits for every prompt position of a prefill chunk), so keep ``max_num_batched_tokens``

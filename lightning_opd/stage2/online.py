@@ -27,8 +27,8 @@ import torch
 from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
-from lightning_opd.logprobs import score_sequences
 from lightning_opd.prompts import PromptRecord, encode_prompt
+from lightning_opd.scoring import score_sequences
 from lightning_opd.stage1.rollout import Rollout, SamplingConfig, TransformersSampler
 from lightning_opd.stage2.runs import format_status, timer
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients, apply_update

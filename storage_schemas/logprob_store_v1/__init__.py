@@ -1,0 +1,237 @@
+"""Logprob store, format v1: the single definition of what a store on disk is.
+
+A store is a directory::
+
+    manifest.json                    the only thing readers trust (written last, atomically)
+    data/part-000000.parquet         one shard per part; one row per rollout
+    commits/header.json              identity of the store, written when the first writer opens it
+    commits/part-000000.json         commit marker: a part finished (rows, bytes, sha256, stat sums)
+    locks/                           flock files; two writers never write the same part
+
+Everything else in lightning-opd imports the names below instead of repeating them: the version,
+the explicit Arrow schema (never inferred), the Parquet writer options, the path templates, the
+typed manifest and the invariants every row satisfies (used both when writing and by ``verify``).
+
+The definitions live in one module per concern; this package re-exports every public name, so
+``from storage_schemas import logprob_store_v1 as fmt`` and ``fmt.NAME`` is how the rest of
+lightning-opd reads the format:
+
+- ``layout``: format name and version, directory layout, path templates, shard footer metadata
+- ``schema``: the columns, the explicit Arrow schema, the Parquet writer options
+- ``encoding``: the compact log-prob encodings (fixed16, sorted top-k), encode on write, decode on read
+- ``header``: the identity sections stage one passes in, their validation, the content id
+- ``manifest``: the typed ``manifest.json`` and its validation
+- ``lineage``: derived stores (filter / merge / export): identity, lineage, merge rules
+- ``rows``: the invariants every row satisfies (checked when writing and by ``verify``)
+- ``describe``: the Markdown reference generated from all of the above
+"""
+
+from .describe import (
+    describe_format,
+)
+from .encoding import (
+    ENCODING_FIXED16,
+    FIXED16_MAX_CODE,
+    FIXED16_SCALE,
+    LOGPROB_COLUMNS,
+    SUGGESTED_TOPK_SCALE,
+    LeafFn,
+    columns_to_read,
+    count_clamped,
+    decode_batch,
+    decode_logprobs,
+    encode_logprobs,
+    encode_table,
+    encoding_problems,
+    fixed16_encoding,
+    sorted_topk,
+)
+from .header import (
+    BEHAVIOR_LOGPROBS_DISTRIBUTION,
+    ENGINE_KEYS,
+    HEADER_KEYS,
+    IDENTITY_FIELDS,
+    OPTIONAL_IDENTITY_FIELDS,
+    SAMPLING_KEYS,
+    SAMPLING_LOGPROBS_DISTRIBUTION,
+    SCORING_ENGINE_KEY,
+    compute_store_id,
+    engine_section,
+    header_problems,
+    identity,
+    identity_differences,
+    prompt_set_section,
+    sampling_section,
+    topk_of,
+)
+from .layout import (
+    COMMIT_TEMPLATE,
+    COMMITS_DIR,
+    DATA_DIR,
+    FINISH_REASONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_FILE,
+    HEADER_LOCK_FILE,
+    KIND_ROLLOUTS,
+    KIND_SCORED,
+    KINDS,
+    LOCKS_DIR,
+    LOGPROB_TOLERANCE,
+    MANIFEST_FILE,
+    META_FORMAT,
+    META_FORMAT_VERSION,
+    META_PART,
+    META_STORE_UUID,
+    PART_LOCK_TEMPLATE,
+    ROLLOUTS_SUBDIR,
+    SHARD_TEMPLATE,
+    STORE_LOCK_FILE,
+    TEMP_SHARD_TEMPLATE,
+    TOPK_TAIL_TREATMENTS,
+    check_format_version,
+    commit_file,
+    is_int,
+    is_number,
+    parse_version,
+    shard_file,
+    shard_metadata,
+    utc_now,
+)
+from .lineage import (
+    DERIVED_HASH_PREFIX,
+    EXPORT_MANIFEST,
+    LINEAGE_KEY,
+    MERGE_MUST_MATCH,
+    derived_content_hash,
+)
+from .manifest import (
+    MANIFEST_FIELD_TYPES,
+    SHARD_FIELD_TYPES,
+    STATS_FIELD_TYPES,
+    Manifest,
+    ShardEntry,
+    StoreStats,
+    manifest_type_problems,
+)
+from .rows import (
+    batch_problems,
+    list_lengths,
+)
+from .schema import (
+    BEHAVIOR_LOGPROBS_MODE,
+    COLUMN_DESCRIPTIONS,
+    COMPRESSION,
+    COMPRESSION_LEVEL,
+    REQUIRED_COLUMNS,
+    REWARD_COLUMN,
+    ROW_GROUP_MAX_ROWS,
+    ROW_GROUP_TARGET_BYTES,
+    SAMPLING_COLUMN,
+    SAMPLING_LOGPROBS_MODE,
+    TEXT_COLUMN,
+    TOPK_COLUMNS,
+    list_of,
+    parquet_writer_options,
+    row_group_rows,
+    schema_options,
+    store_schema,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "DATA_DIR",
+    "COMMITS_DIR",
+    "LOCKS_DIR",
+    "ROLLOUTS_SUBDIR",
+    "SHARD_TEMPLATE",
+    "COMMIT_TEMPLATE",
+    "HEADER_FILE",
+    "PART_LOCK_TEMPLATE",
+    "STORE_LOCK_FILE",
+    "HEADER_LOCK_FILE",
+    "TEMP_SHARD_TEMPLATE",
+    "KIND_ROLLOUTS",
+    "KIND_SCORED",
+    "KINDS",
+    "FINISH_REASONS",
+    "TOPK_TAIL_TREATMENTS",
+    "LOGPROB_TOLERANCE",
+    "META_FORMAT",
+    "META_FORMAT_VERSION",
+    "META_STORE_UUID",
+    "META_PART",
+    "shard_metadata",
+    "shard_file",
+    "commit_file",
+    "parse_version",
+    "check_format_version",
+    "utc_now",
+    "is_int",
+    "is_number",
+    "REQUIRED_COLUMNS",
+    "TOPK_COLUMNS",
+    "REWARD_COLUMN",
+    "TEXT_COLUMN",
+    "SAMPLING_COLUMN",
+    "BEHAVIOR_LOGPROBS_MODE",
+    "SAMPLING_LOGPROBS_MODE",
+    "COLUMN_DESCRIPTIONS",
+    "list_of",
+    "store_schema",
+    "schema_options",
+    "COMPRESSION",
+    "COMPRESSION_LEVEL",
+    "ROW_GROUP_TARGET_BYTES",
+    "ROW_GROUP_MAX_ROWS",
+    "parquet_writer_options",
+    "row_group_rows",
+    "LOGPROB_COLUMNS",
+    "ENCODING_FIXED16",
+    "FIXED16_SCALE",
+    "FIXED16_MAX_CODE",
+    "SUGGESTED_TOPK_SCALE",
+    "fixed16_encoding",
+    "encoding_problems",
+    "encode_logprobs",
+    "decode_logprobs",
+    "LeafFn",
+    "sorted_topk",
+    "columns_to_read",
+    "encode_table",
+    "decode_batch",
+    "count_clamped",
+    "SAMPLING_KEYS",
+    "HEADER_KEYS",
+    "BEHAVIOR_LOGPROBS_DISTRIBUTION",
+    "SAMPLING_LOGPROBS_DISTRIBUTION",
+    "ENGINE_KEYS",
+    "SCORING_ENGINE_KEY",
+    "engine_section",
+    "sampling_section",
+    "prompt_set_section",
+    "IDENTITY_FIELDS",
+    "OPTIONAL_IDENTITY_FIELDS",
+    "identity",
+    "compute_store_id",
+    "identity_differences",
+    "header_problems",
+    "topk_of",
+    "MANIFEST_FIELD_TYPES",
+    "SHARD_FIELD_TYPES",
+    "STATS_FIELD_TYPES",
+    "manifest_type_problems",
+    "ShardEntry",
+    "StoreStats",
+    "Manifest",
+    "LINEAGE_KEY",
+    "DERIVED_HASH_PREFIX",
+    "EXPORT_MANIFEST",
+    "derived_content_hash",
+    "MERGE_MUST_MATCH",
+    "list_lengths",
+    "batch_problems",
+    "describe_format",
+]
