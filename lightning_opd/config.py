@@ -13,7 +13,9 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,9 +46,53 @@ def to_dict(config: Any) -> dict[str, Any]:
     return convert(config)
 
 
+# Saved configs are versioned. Every field added to a config gets a default that reproduces the
+# behaviour from before it existed, so a field missing from a saved config reads as its default: a run
+# started before the field was added still resumes (and is still "the same run"). A change that a
+# default cannot express (a field renamed, a meaning changed) bumps CONFIG_VERSION and adds the step
+# that converts the older form to CONFIG_UPGRADES. A config written by a newer version is refused.
+CONFIG_VERSION_KEY = "lopd_config_version"
+CONFIG_VERSION = 2  # 1: written before configs carried a version (lightning-opd up to 2026-12-06)
+CONFIG_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: lambda saved: saved,  # 1 -> 2: only fields with defaults were added
+}
+
+
+def upgrade_saved_config(saved: dict[str, Any], config: Any, where: str) -> dict[str, Any]:
+    """A saved config (``config.json``) in the current form of ``config``'s class: upgraded from its
+    version, missing fields read as their defaults. OutputExistsError when it cannot be read as one."""
+    data = dict(saved)
+    version = data.pop(CONFIG_VERSION_KEY, 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise OutputExistsError(
+            f"{where} has an invalid {CONFIG_VERSION_KEY} {version!r}; choose a new output directory"
+        )
+    if version > CONFIG_VERSION:
+        raise OutputExistsError(
+            f"{where} was written by a newer lightning-opd (config version {version}, this one reads up "
+            f"to {CONFIG_VERSION}); upgrade lightning-opd (pip install -U lightning-opd) to resume it"
+        )
+    for step in range(version, CONFIG_VERSION):
+        data = CONFIG_UPGRADES[step](data)
+    defaults = field_defaults(type(config))
+    return {**{k: v for k, v in defaults.items() if k not in data}, **data}
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of a dataclass that has one, as ``to_dict`` writes it."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default_factory())
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a config from a dict, warning about (and ignoring) keys this version does not know."""
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k != CONFIG_VERSION_KEY}
     unknown = sorted(set(data) - names)
     if unknown:
         warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=2)
@@ -82,7 +128,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def save_config(config: Any, out_dir: str | Path, name: str = "config.json") -> Path:
     path = Path(out_dir) / name
-    write_json_atomic(path, to_dict(config))
+    write_json_atomic(path, {**to_dict(config), CONFIG_VERSION_KEY: CONFIG_VERSION})
     return path
 
 
@@ -177,11 +223,21 @@ def _prepare_locked(out: Path, config: Any, *, overwrite: bool, name: str, ignor
             ) from None
         if not isinstance(previous, dict):
             raise OutputExistsError(f"{saved} is not a lightning-opd config; choose a new output directory")
+        version = previous.get(CONFIG_VERSION_KEY, 1)
+        previous = upgrade_saved_config(previous, config, str(saved))
+        if version != CONFIG_VERSION:  # keep what the run was started with, as it was written
+            kept = saved.with_name(f"{saved.stem}.v{version}{saved.suffix}")
+            if not kept.exists():
+                shutil.copy2(saved, kept)
         current = to_dict(config)
         skip = set(ignore) | {"overwrite"}
-        differing = sorted(
-            k for k in set(previous) | set(current) if k not in skip and previous.get(k) != current.get(k)
-        )
+        gone = sorted(set(previous) - set(current) - skip)
+        if gone:
+            raise OutputExistsError(
+                f"{saved} holds fields {gone} that this lightning-opd's {type(config).__name__} no longer has; "
+                "resume it with the version that wrote it, or choose a new output directory"
+            )
+        differing = sorted(k for k in current if k not in skip and previous.get(k) != current.get(k))
         if differing:
             raise OutputExistsError(
                 f"{out} already holds a different run (config differs in {differing}); choose a new "

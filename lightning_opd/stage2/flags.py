@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from lightning_opd.config import check, to_dict
+from lightning_opd.config import check, field_defaults, to_dict
 from lightning_opd.errors import ConfigError
 from lightning_opd.scale import ScaleFlags
 from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
@@ -234,9 +234,26 @@ class TrainingFlags(ScaleFlags):
         return horizon_from_flags(self)
 
     def run_id(self) -> str:
-        """Identifies a run across resumes: a hash of the config without its RESUMABLE_FIELDS."""
-        identity = {k: v for k, v in to_dict(self).items() if k not in RESUMABLE_FIELDS}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies a run across resumes: a hash of the fields that are not at their defaults, apart
+        from RESUMABLE_FIELDS (so adding a field with a default changes no run's id)."""
+        defaults = field_defaults(type(self))
+        identity = {
+            k: v
+            for k, v in to_dict(self).items()
+            if k not in RESUMABLE_FIELDS and (k not in defaults or v != defaults[k])
+        }
+        return _short_hash(identity)
+
+    def legacy_run_id(self, saved_fields) -> str:
+        """The id that checkpoints written before ``run_id`` ignored defaults carry: a hash of every field
+        the run's saved config held (``saved_fields``), apart from RESUMABLE_FIELDS."""
+        return _short_hash(
+            {k: v for k, v in to_dict(self).items() if k in saved_fields and k not in RESUMABLE_FIELDS}
+        )
+
+
+def _short_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def objective_options() -> dict[str, set[str]]:

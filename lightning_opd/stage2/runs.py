@@ -40,9 +40,24 @@ def find_checkpoint(config) -> Path | None:
     return complete[-1] if complete else None
 
 
-def restore_checkpoint(accelerator, checkpoint: Path, run_id: str) -> dict:
-    """Load model, optimizer, scheduler and RNG from ``checkpoint``; refuse one written by another run."""
+# trainer_state.json's "run_id_format": 2 since run ids leave out fields at their defaults; a state
+# without it carries the older id (every field of the config that run saved).
+RUN_ID_FORMAT = 2
+
+
+def restore_checkpoint(accelerator, checkpoint: Path, run_id: str, config=None) -> dict:
+    """Load model, optimizer, scheduler and RNG from ``checkpoint``; refuse one written by another run.
+
+    ``config`` (the run's flags) lets a checkpoint written before RUN_ID_FORMAT 2 be recognised: its id
+    is recomputed the old way over the fields its run's config held (``config.v1.json``, kept by
+    ``prepare_output_dir`` when it upgraded the run's ``config.json``)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state.get("run_id_format", 1) < RUN_ID_FORMAT and config is not None:
+        run_dir = checkpoint.parent.parent
+        saved = run_dir / "config.v1.json"
+        saved = saved if saved.exists() else run_dir / "config.json"
+        if saved.exists():
+            run_id = config.legacy_run_id(set(json.loads(saved.read_text())))
     if state["run_id"] != run_id:
         raise TrainingError(
             f"checkpoint {checkpoint} belongs to another run (run id {state['run_id']}, this run {run_id}); "
@@ -59,7 +74,8 @@ def save_checkpoint(accelerator, out: Path, step: int, stream, run_id: str, keep
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         write_json_atomic(
-            path / "trainer_state.json", {"step": step, "run_id": run_id, "stream": stream.state_dict()}
+            path / "trainer_state.json",
+            {"step": step, "run_id": run_id, "run_id_format": RUN_ID_FORMAT, "stream": stream.state_dict()},
         )
         older = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for old in older:
@@ -71,7 +87,7 @@ def resume(accelerator, config, run_id: str, log, what: str) -> tuple[int, dict 
     checkpoint = find_checkpoint(config)
     if checkpoint is None:
         return 0, None
-    state = restore_checkpoint(accelerator, checkpoint, run_id)
+    state = restore_checkpoint(accelerator, checkpoint, run_id, config)
     log(f"{what}: resumed from {checkpoint} at step {state['step']}")
     return int(state["step"]), state
 
