@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_opd.packing import micro_batches, row_length  # noqa: E402
 from lightning_opd.stage2.objectives import make_objective  # noqa: E402
-from lightning_opd.stage2.packing import micro_batches, row_length  # noqa: E402
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients  # noqa: E402
 from lightning_opd.toy.models import STUDENT_SPEC, build_model  # noqa: E402
 from lightning_opd.toy.tokenizer import build_char_tokenizer  # noqa: E402

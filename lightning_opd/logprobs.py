@@ -121,7 +121,7 @@ def final_hidden_states(
     """``[B, S, H]`` hidden states after the decoder's final norm, i.e. the LM head's input.
 
     Right padding: positions are 0..S-1 unless ``position_ids`` says otherwise (a packed sequence,
-    whose ``attention_mask`` is then a 4D block-diagonal mask: ``stage2/packing.py``).
+    whose ``attention_mask`` is then a 4D block-diagonal mask: ``packing.py``).
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if decoder is model:

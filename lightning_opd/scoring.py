@@ -27,6 +27,7 @@ from lightning_opd.logprobs import (
     topk_logprobs_from_hidden,
     verify_output_head,
 )
+from lightning_opd.packing import block_diagonal_mask
 
 # ----------------------------------------------------------------------------------------------
 # Scoring whole sequences (stage one)
@@ -41,21 +42,30 @@ class ScoredSequence:
     topk_logprobs: np.ndarray | None = None  # float32 [len(response), k]
 
 
-def plan_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
-    """Group indices into batches of similar length whose padded size fits the token budget.
+def plan_batches(
+    lengths: Sequence[int], max_tokens_per_batch: int, *, packed: bool = False
+) -> list[list[int]]:
+    """Group indices into batches of similar length whose computed size fits the token budget.
 
-    Longest first (an out-of-memory shows up on the first batch, not after an hour), and a
-    batch's cost is ``count × longest`` because right padding is computed too. A sequence longer
-    than the budget gets a batch of its own rather than an error.
+    Longest first (an out-of-memory shows up on the first batch, not after an hour). A padded batch
+    costs ``count × longest`` because right padding is computed too; a packed one the sum of its
+    lengths. A sequence longer than the budget gets a batch of its own rather than an error.
     """
     check(max_tokens_per_batch >= 1, f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens_per_batch:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            batch = batches[-1]
+            cost = (
+                sum(lengths[j] for j in batch) + lengths[i]
+                if packed
+                else (len(batch) + 1) * lengths[batch[0]]
+            )
+            if cost <= max_tokens_per_batch:
+                batch.append(i)
+                continue
+        batches.append([i])
     return batches
 
 
@@ -97,6 +107,18 @@ def _collate(
     )
 
 
+def _packed(ids: Tensor, mask: Tensor, rows: Tensor, positions: Tensor, config):
+    """A padded batch from ``_collate`` as one sequence (``lightning_opd.packing``), and where its
+    response states are in it: ``(input_ids, position_ids, attention_mask, flat positions)``."""
+    lengths = mask.sum(dim=1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    keep = mask.bool()
+    segment = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[keep]
+    position = (torch.cumsum(mask, dim=1) - 1)[keep]
+    attention = block_diagonal_mask(segment, position, config)
+    return ids[keep][None], position[None], attention, starts[rows] + positions
+
+
 def _validate_inputs(prompts, responses, topk: int, vocab: int) -> None:
     if len(prompts) != len(responses):
         raise InputError(
@@ -130,6 +152,7 @@ def score_sequences(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     device=None,
     progress: Callable[[int], None] | None = None,
+    packed: bool = False,
 ) -> list[ScoredSequence]:
     """Score every response token under ``model`` (raw logits, temperature 1), in input order.
 
@@ -138,6 +161,8 @@ def score_sequences(
     filled up to ``max_tokens_per_batch`` tokens *including* padding. ``device`` is where inputs
     go (default: the device of the model's first parameter). ``progress`` is called with the number
     of sequences finished after each batch (``tqdm.update`` fits). Dropout is off while scoring.
+    ``packed``: each batch runs as one sequence with a block-diagonal mask (no padding computed; the
+    budget then counts the sum of the lengths): the same log-probs.
     """
     weight, bias = output_head(model)
     vocab = weight.shape[0]
@@ -152,7 +177,8 @@ def score_sequences(
         else:
             todo.append(i)
     lengths = [len(prompts[i]) + len(responses[i]) for i in range(len(prompts))]
-    batches = [[todo[j] for j in b] for b in plan_batches([lengths[i] for i in todo], max_tokens_per_batch)]
+    planned = plan_batches([lengths[i] for i in todo], max_tokens_per_batch, packed=packed)
+    batches = [[todo[j] for j in b] for b in planned]
 
     was_training = model.training
     model.eval()  # dropout would make the scores random
@@ -164,7 +190,14 @@ def score_sequences(
                 )
                 if n == 0:
                     verify_output_head(model, ids, postprocess)
-                states = final_hidden_states(model, ids, mask)
+                if packed:
+                    ids, position_ids, attention, flat = _packed(
+                        ids, mask, rows, positions, text_config(model.config)
+                    )
+                    states = final_hidden_states(model, ids, attention, position_ids)
+                    rows, positions = torch.zeros_like(flat), flat
+                else:
+                    states = final_hidden_states(model, ids, mask)
                 # Keep only response states ([N, H]); with a device map the head may live elsewhere.
                 hidden = states[rows.to(states.device), positions.to(states.device)].to(weight.device)
                 targets = targets.to(weight.device)

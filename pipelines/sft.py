@@ -62,6 +62,20 @@ class SFTJobConfig(ScaleFlags):
     )
     steps: int = field(default=400, metadata={"help": "training steps (the most, with --stop-at-match)"})
     batch_size: int = 64
+    micro_batch_size: int = field(
+        default=0, metadata={"help": "examples per forward pass (gradient accumulation); 0 = the whole batch"}
+    )
+    max_tokens_per_micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": "token budget per forward pass instead of --micro-batch-size: the batch's examples "
+            "grouped by length, longest first (rows x longest, or their sum with --pack); 0 = off"
+        },
+    )
+    pack: bool = field(
+        default=False,
+        metadata={"help": "concatenate each micro-batch into one sequence (no padding): the same gradient"},
+    )
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -110,6 +124,9 @@ class SFTJobConfig(ScaleFlags):
             mixed_precision=self.mixed_precision,
             stop_at_match=self.stop_at_match,
             optim=self.optim,
+            micro_batch_size=self.micro_batch_size,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            pack=self.pack,
         )
 
 

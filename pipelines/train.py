@@ -30,6 +30,7 @@ from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError
 from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.modeling import load_causal_lm
+from lightning_opd.packing import resolve_attn_implementation
 from lightning_opd.plan import fit_warning
 from lightning_opd.scale import prepare_student
 from lightning_opd.stage2 import runs
@@ -39,7 +40,6 @@ from lightning_opd.stage2.flags import RESUMABLE_FIELDS, TrainingFlags, warn_unu
 from lightning_opd.stage2.gold import GoldSolutions
 from lightning_opd.stage2.horizons import check_horizon
 from lightning_opd.stage2.offline import evaluate, offline_step, save_final
-from lightning_opd.stage2.packing import resolve_attn_implementation
 from lightning_opd.stage2.sharding import training_accelerator
 from lightning_opd.stage2.step import make_optimizer, update_inputs
 from lightning_opd.store import RolloutStream, RowFilter, open_store

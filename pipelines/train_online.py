@@ -35,6 +35,7 @@ from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
+from lightning_opd.packing import resolve_attn_implementation
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.scale import prepare_student
 from lightning_opd.stage1.rollout import SamplingConfig
@@ -48,7 +49,6 @@ from lightning_opd.stage2.online import (
     optimizer_step,
     status_line,
 )
-from lightning_opd.stage2.packing import resolve_attn_implementation
 from lightning_opd.stage2.runs import (
     MetricsLog,
     due,

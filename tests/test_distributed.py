@@ -66,10 +66,15 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-# Independent of how rows fall into micro-batches: the loss (gold term included), the gradient, drift
-# and the token-mean metrics (adv_mean, weighted by tokens). gold_nll and ref_kl are still averaged
-# over micro-batches by rows, so they differ even in one process with another --micro-batch-size.
-COMPARED = ("loss", "grad_norm", "drift_kl", "drift_ess", "drift_outside", "adv_mean", "clip_frac")
+# Independent of how rows fall into micro-batches and processes: the loss (gold term included), the
+# gradient, drift, the token-mean metrics (adv_mean, weighted by tokens) and the sample-reduced ones
+# (base_loss, gold_nll: added up as the loss is).
+COMPARED = (
+    "loss", "grad_norm", "drift_kl", "drift_ess", "drift_outside", "adv_mean", "clip_frac", "base_loss", "gold_nll"
+)  # fmt: skip
+
+
+WEIGHT_ATOL = 1e-5
 
 
 def _assert_same_steps(got: list[dict], want: list[dict]) -> None:
@@ -105,8 +110,12 @@ def test_two_processes_train_like_one(sft_student_dir, micro_store, opd_prompts,
     assert metrics[1]["loss"] != reference[0]["loss"]  # the steps train: not one repeated value
     final_one, final_two = _weights(one / "final"), _weights(two / "final")
     assert final_one.keys() == final_two.keys()
+    # Weights to 1e-5 = 0.3% of what 3 steps at lr 1e-3 can move one: Adam divides each gradient by its
+    # own running scale, so an element whose gradient is near zero turns the ~1e-7 relative difference
+    # of another summation order (all-reduce vs accumulation) into a few 1e-6 of its step (measured:
+    # at most 2.8e-6, on v_proj). The loss and gradient norm above agree to 1e-4 relative.
     for name, tensor in final_one.items():
-        torch.testing.assert_close(final_two[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(final_two[name], tensor, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
     assert not torch.equal(
         final_two["model.embed_tokens.weight"], _weights(sft_student_dir)["model.embed_tokens.weight"]
     )
@@ -119,7 +128,9 @@ def test_two_processes_train_like_one(sft_student_dir, micro_store, opd_prompts,
     assert "resumed from" in result.stdout and f"{checkpoint}" in result.stdout
     _assert_same_steps(_metrics(two), reference)
     for name, tensor in final_one.items():
-        torch.testing.assert_close(_weights(two / "final")[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            _weights(two / "final")[name], tensor, rtol=1e-4, atol=WEIGHT_ATOL, msg=name
+        )
 
 
 def _launch_fsdp2(args: list, check: bool = True) -> subprocess.CompletedProcess:

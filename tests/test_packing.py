@@ -8,15 +8,16 @@ import copy
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_lopd
 from test_scale import _gemma3
 
-from lightning_opd.stage2 import packing
+from lightning_opd import packing
+from lightning_opd.packing import micro_batches, row_length
 from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.stage2.objectives import make_objective
-from lightning_opd.stage2.packing import micro_batches, row_length
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients
 from lightning_opd.toy.models import STUDENT_SPEC, build_model
 
@@ -183,3 +184,76 @@ def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(char_tokenize
     for other in stats[1:]:
         for key in keys:
             assert other[key] == pytest.approx(stats[0][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sample_reduced_metrics_add_up_like_the_loss_whatever_the_split(char_tokenizer, reduction):
+    """Issue 22: base_loss and ref_kl describe the batch (they were averaged over micro-batches by rows,
+    which halved a sum at two micro-batches), and base_loss + coefficient x ref_kl is the loss."""
+    model, rows = _models(char_tokenizer)["toy-sdpa"], _rows()
+    objective = make_objective("lightning", clip_eps=0.2, ref_kl_coef=0.1, sample_reduction=reduction)
+    stats = [
+        _gradient(model, rows, objective, sample_reduction=reduction, **kwargs)[1]
+        for kwargs in ({}, {"micro_batch_size": 1}, {"micro_batch_size": 7}, {"max_tokens": 20})
+    ]
+    for s in stats:
+        assert s["loss"] == pytest.approx(s["base_loss"] + 0.1 * s["ref_kl"], rel=1e-5)
+        for key in ("base_loss", "ref_kl"):
+            assert s[key] == pytest.approx(stats[0][key], rel=1e-5, abs=1e-7), key
+
+
+def _sft_gradient(model, examples, **kwargs):
+    from lightning_opd.stage0.sft import SFTTrainConfig, accumulate_sft_gradients
+
+    model = copy.deepcopy(model).train()
+    config = SFTTrainConfig(steps=2, warmup_steps=0, **kwargs)
+    loss = accumulate_sft_gradients(model, examples, config, pad_id=0)
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, loss
+
+
+@pytest.mark.parametrize("arch", ["toy-sdpa", "gemma3-eager", "gemma3-sdpa"])
+def test_sft_micro_batches_budgets_and_packing_give_the_whole_batch_gradient(char_tokenizer, arch):
+    """Stage zero: accumulation, token budgets and packing leave the loss and the gradient unchanged."""
+    from lightning_opd.stage0.sft import SFTExample
+
+    model = _models(char_tokenizer)[arch]
+    examples = [SFTExample(r["prompt_ids"], r["response_ids"]) for r in _rows()]
+    want, loss = _sft_gradient(model, examples)
+    for kwargs in (
+        {"micro_batch_size": 2},
+        {"pack": True},
+        {"max_tokens_per_micro_batch": 24},
+        {"max_tokens_per_micro_batch": 24, "pack": True},
+    ):
+        got, got_loss = _sft_gradient(model, examples, **kwargs)
+        assert got_loss == pytest.approx(loss, rel=1e-5), kwargs
+        assert got.keys() == want.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=f"{kwargs} {name}")
+
+
+@pytest.mark.parametrize("arch", ["toy-sdpa", "gemma3-eager", "gemma3-sdpa"])
+def test_packed_teacher_scoring_equals_padded(char_tokenizer, arch):
+    """Stage one's transformers scorer: packed batches give the padded batches' log-probs and top-k."""
+    from lightning_opd.scoring import plan_batches, score_sequences
+
+    model = _models(char_tokenizer)[arch].eval()
+    rows = _rows(9)
+    prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+    responses[3] = []  # an empty response is scored as empty either way
+    shapes = []
+    model.model.register_forward_pre_hook(
+        lambda _, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    padded = score_sequences(model, prompts, responses, topk=K, max_tokens_per_batch=40)
+    n_padded = len(shapes)
+    packed = score_sequences(model, prompts, responses, topk=K, max_tokens_per_batch=40, packed=True)
+    assert all(
+        s[0] == 1 for s in shapes[n_padded + 1 :]
+    )  # one packed sequence per batch (after the head check)
+    for a, b in zip(padded, packed):
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    assert len(plan_batches(lengths, 40, packed=True)) < len(plan_batches(lengths, 40))  # packing fits more

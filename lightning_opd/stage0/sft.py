@@ -7,12 +7,14 @@ mixed precision and ``accelerate launch`` come for free, nothing else is hidden.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -23,9 +25,11 @@ from lightning_opd.logprobs import (
     final_hidden_states,
     logit_postprocess,
     output_head,
+    text_config,
     token_logprobs_from_hidden,
     topk_logprobs_from_hidden,
 )
+from lightning_opd.packing import micro_batches, pack
 from lightning_opd.scale import make_adamw, trainable_parameters
 
 IGNORE_INDEX = -100
@@ -53,6 +57,11 @@ class SFTTrainConfig:
     stop_at_match: float = 0.0
     check_every: int = 2
     optim: str = "adamw"  # adamw | adamw-8bit (lightning_opd.scale.make_adamw)
+    # Gradient accumulation (0 = the whole batch in one forward), or a token budget per forward with
+    # the batch's examples grouped by length; ``pack`` concatenates each micro-batch (no padding).
+    micro_batch_size: int = 0
+    max_tokens_per_micro_batch: int = 0
+    pack: bool = False
 
     def __post_init__(self):
         check(self.steps > 0, f"steps must be positive, got {self.steps}")
@@ -67,6 +76,11 @@ class SFTTrainConfig:
         )
         check(0 <= self.stop_at_match <= 1, f"stop_at_match must be in [0, 1], got {self.stop_at_match}")
         check(self.check_every >= 1, f"check_every must be >= 1, got {self.check_every}")
+        check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        check(
+            self.max_tokens_per_micro_batch >= 0,
+            f"max_tokens_per_micro_batch must be >= 0 (0 = off), got {self.max_tokens_per_micro_batch}",
+        )
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -91,21 +105,80 @@ def response_nll(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 102
     ``[batch, seq, vocab]`` nor ``[response tokens, vocab]`` fp32 logits are ever held (the first
     out-of-memory of a 150k-vocabulary model otherwise).
     """
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    # Position t predicts token t+1: shift so each label lines up with the state that predicts it.
-    labels = batch["labels"][:, 1:]
-    where = labels != IGNORE_INDEX
+    return -response_logprobs(model, batch, chunk_size=chunk_size).mean()
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], *, packed: bool = False, chunk_size: int = 1024):
+    """The response tokens' log-probs of a collated batch (``collate_sft``), in row order, from the
+    padded batch or from it packed into one sequence (``lightning_opd.packing``: the same values, no
+    padding computed)."""
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
+    if packed:
+        view = SimpleNamespace(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            mask=(labels != IGNORE_INDEX).float(),
+            targets=labels.clamp(min=0),
+        )
+        inputs = pack(view, text_config(model.config), needs_topk=False)
+        hidden = final_hidden_states(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids)
+        hidden, where, targets = hidden[:, :-1], inputs.where, inputs.targets
+    else:
+        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        where, targets = labels != IGNORE_INDEX, labels
     weight, bias = output_head(model)
-    logprobs = token_logprobs_from_hidden(
+    return token_logprobs_from_hidden(
         hidden[where],
         weight,
-        labels[where],
+        targets[where],
         bias=bias,
         chunk_size=chunk_size,
         checkpoint=True,
         postprocess=logit_postprocess(model),
     )
-    return -logprobs.mean()
+
+
+def sft_micro_batches(examples: list[SFTExample], config: SFTTrainConfig) -> list[list[SFTExample]]:
+    """One step's examples as micro-batches: all at once, ``micro_batch_size`` at a time, or by token
+    budget (``lightning_opd.packing.micro_batches``, longest first)."""
+    if config.max_tokens_per_micro_batch:
+        rows = [{"prompt_ids": e.prompt_ids, "response_ids": e.response_ids, "example": e} for e in examples]
+        horizon = max(len(e.response_ids) for e in examples)
+        groups = micro_batches(
+            rows,
+            horizon=horizon,
+            micro_batch_size=len(rows),
+            max_tokens=config.max_tokens_per_micro_batch,
+            packed=config.pack,
+        )
+        return [[r["example"] for r in group] for group in groups]
+    size = config.micro_batch_size or len(examples)
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def accumulate_sft_gradients(model, examples, config: SFTTrainConfig, pad_id: int, accelerator=None) -> float:
+    """Backward of the mean response-token NLL of ``examples`` through their micro-batches; returns the
+    loss. Each micro-batch adds its token sum over the step's response-token count, so the gradient is
+    the whole batch's whatever the split. One micro-batch, unpacked, runs ``response_nll`` itself."""
+    groups = sft_micro_batches(examples, config)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+    if len(groups) == 1 and not config.pack:  # the single-forward path, bit for bit as before
+        batch = {k: v.to(device) for k, v in collate_sft(groups[0], pad_id).items()}
+        with autocast():  # the decoder is called directly, past prepare()'s wrapped forward
+            loss = response_nll(model, batch)
+        backward(loss)
+        return loss.item()
+    total_tokens = sum(len(e.response_ids) for e in examples)
+    loss_sum = 0.0
+    for group in groups:
+        batch = {k: v.to(device) for k, v in collate_sft(group, pad_id).items()}
+        with autocast():
+            loss = -response_logprobs(model, batch, packed=config.pack).sum() / total_tokens
+        backward(loss)
+        loss_sum += loss.item()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -192,22 +265,18 @@ def train_sft(
             rng.shuffle(fresh)
             order += fresh
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        batch = {
-            k: v.to(accelerator.device) for k, v in collate_sft([examples[i] for i in picked], pad_id).items()
-        }
-        with accelerator.autocast():  # the decoder is called directly, past prepare()'s wrapped forward
-            loss = response_nll(model, batch)
+        chosen = [examples[i] for i in picked]
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = accumulate_sft_gradients(model, chosen, config, pad_id, accelerator)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(e.prompt_ids) + len(e.response_ids) for e in chosen)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             elapsed = time.time() - start
             row = {
                 "step": step + 1,
-                "loss": loss.item(),
+                "loss": loss,
                 "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / elapsed,
@@ -228,9 +297,7 @@ def train_sft(
             model.train()
             reached = match >= config.stop_at_match
             if reached or step + 1 == config.steps:
-                history.append(
-                    {"step": step + 1, "loss": loss.item(), "val_match": match, "stopped_early": reached}
-                )
+                history.append({"step": step + 1, "loss": loss, "val_match": match, "stopped_early": reached})
                 log(
                     f"sft: held-out exact match {100 * match:.1f}% at step {step + 1}: "
                     + (

@@ -23,8 +23,8 @@ from lightning_opd.logprobs import (
     output_head,
     token_logprobs_from_hidden,
 )
+from lightning_opd.packing import pack
 from lightning_opd.stage2.objectives import TokenBatch
-from lightning_opd.stage2.packing import pack
 
 
 @dataclass

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from lightning_opd.errors import TrainingError
+from lightning_opd.packing import micro_batches
 from lightning_opd.scale import make_adamw, trainable_parameters
 from lightning_opd.stage2.batch import check_finite, collate, student_token_batch
 from lightning_opd.stage2.drift import add_sums, drift_metrics, drift_sums
 from lightning_opd.stage2.gold import GoldSolutions, with_gold
 from lightning_opd.stage2.objectives import TOKEN_MEAN_METRICS, on_policy_reference_kl
-from lightning_opd.stage2.packing import micro_batches
 
 
 @dataclasses.dataclass
@@ -129,11 +129,15 @@ def accumulate_gradients(
         computed += int(batch.attention_mask.sum()) if inputs.packed else batch.input_ids.numel()
         response_tokens += batch.num_tokens
         metric_tokens += parts.get("tokens", 0)
-        for k, v in parts.items():  # objective metrics: token means weighted by tokens, others by rows
+        # Objective metrics: token means weighted by tokens; the others (base_loss, ref_kl, gold_nll)
+        # are reduced over samples like the loss, so they add up as the loss does (a sum as it is, a
+        # mean weighted by rows) and base_loss + coefficients x terms is the step's loss.
+        row_weight = len(chunk) / global_rows if inputs.sample_reduction == "mean" else 1.0
+        for k, v in parts.items():
             if k in TOKEN_MEAN_METRICS:
                 token_sums[k] = token_sums.get(k, 0.0) + v * parts.get("tokens", 0)
             elif k != "tokens":
-                totals[k] = totals.get(k, 0.0) + v * len(chunk) / global_rows
+                totals[k] = totals.get(k, 0.0) + v * row_weight
     counts = _all_ranks_sum(
         accelerator,
         {

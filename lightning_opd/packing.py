@@ -120,15 +120,16 @@ def pack(batch, config, *, needs_topk: bool) -> PackedInputs:
     return PackedInputs(
         input_ids=torch.cat(ids)[None],
         position_ids=position[None],
-        attention_mask=_attention_mask(torch.cat(segments), position, config),
+        attention_mask=block_diagonal_mask(torch.cat(segments), position, config),
         where=torch.cat(where)[:-1][None],
         targets=torch.cat(targets)[:-1][None],
         topk_ids=torch.cat(topk)[:-1][None] if needs_topk else None,
     )
 
 
-def _attention_mask(segment: torch.Tensor, position: torch.Tensor, config):
-    """Causal within each row, nothing across rows; per layer type where the model has sliding layers."""
+def block_diagonal_mask(segment: torch.Tensor, position: torch.Tensor, config):
+    """The mask of a packed sequence whose token i belongs to row ``segment[i]`` at ``position[i]``:
+    causal within each row, nothing across rows; per layer type where the model has sliding layers."""
     implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     if implementation == "flash_attention_2":
         return None  # varlen from position_ids
