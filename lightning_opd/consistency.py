@@ -9,6 +9,13 @@ from __future__ import annotations
 import warnings
 
 from lightning_opd.errors import TeacherConsistencyError
+from lightning_opd.fingerprint import (
+    BEHAVIOR_TOLERANCE,
+    behavior_distance,
+    has_weights,
+    local_behavior,
+    same_behavior,
+)
 from lightning_opd.modeling import model_identity
 from lightning_opd.provenance import ModelIdentity, read_provenance
 
@@ -64,6 +71,68 @@ def teacher_consistency(
         "sft_teacher_fingerprint": sft_teacher.fingerprint,
         "note": message,
     }
+
+
+def sft_teacher_behavior(student_path: str, declared_sft_teacher: str | None, device: str = "cpu"):
+    """``(behaviour record, SFT teacher identity)`` of the student's SFT teacher, each None when unknown.
+
+    The record stage zero wrote into the provenance, else one computed from the SFT teacher's weights
+    where they still are (the provenance's path, or ``--sft-teacher``).
+    """
+    provenance = read_provenance(student_path)
+    sft = provenance.sft_teacher if provenance else None
+    if sft and sft.get("behavior"):
+        return sft["behavior"], provenance.sft_teacher_identity
+    candidates = [sft["path"]] if sft else []
+    candidates += [declared_sft_teacher] if declared_sft_teacher and not sft else []
+    for path in candidates:
+        if has_weights(path):
+            identity = provenance.sft_teacher_identity if sft else model_identity(path)
+            return local_behavior(path, device), identity
+    return None, (provenance.sft_teacher_identity if sft else None)
+
+
+def behavior_consistency(
+    *,
+    student_path: str,
+    served: dict,
+    where: str,
+    allow_inconsistent: bool = False,
+    declared_sft_teacher: str | None = None,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """``teacher_consistency`` for a teacher known only by its behaviour record (a server's): the same
+    section, with the SFT teacher's probe log-probs compared to ``served`` (``fingerprint.py``)."""
+    expected, sft_teacher = sft_teacher_behavior(student_path, declared_sft_teacher, device)
+    sft_fingerprint = sft_teacher.fingerprint if sft_teacher else None
+    if expected is None:
+        message = (
+            f"neither the provenance of student {student_path} nor local weights give its SFT teacher's "
+            f"behaviour, so teacher consistency with {where} cannot be checked; pass --sft-teacher DIR (its "
+            "weights) to check it"
+        )
+        warnings.warn(message, stacklevel=2)
+        return {
+            "consistent": None,
+            "allowed": allow_inconsistent,
+            "sft_teacher_fingerprint": sft_fingerprint,
+            "note": message,
+        }
+    if same_behavior(expected, served):
+        return {"consistent": True, "allowed": False, "sft_teacher_fingerprint": sft_fingerprint, "note": ""}
+    message = (
+        f"{where} does not behave like the student's SFT teacher "
+        f"{sft_teacher.short() if sft_teacher else declared_sft_teacher}: its log-probs on the fingerprint probe "
+        f"differ by up to {behavior_distance(expected, served):.3f} nats (tolerance {BEHAVIOR_TOLERANCE}); "
+        "scoring with another teacher biases distillation (METHODS.md §2)"
+    )
+    if not allow_inconsistent:
+        raise TeacherConsistencyError(
+            message + ". Serve the SFT teacher, or pass --allow-inconsistent-teacher for an experiment"
+        )
+    log(f"WARNING: {message}; allowed by --allow-inconsistent-teacher and recorded in the manifest")
+    return {"consistent": False, "allowed": True, "sft_teacher_fingerprint": sft_fingerprint, "note": message}
 
 
 def check_store_for_training(manifest, student_fingerprint: str, student_path: str) -> None:
