@@ -187,6 +187,12 @@ def completions_body(model: ServedModel, sequences: Sequence[Sequence[int]], top
     }
 
 
+def named_cap(message: str) -> int | None:
+    """The cap a refusal names: vLLM 0.32 says "... greater than max allowed: 20 (parameter=...)"."""
+    found = _CAP.search(message)
+    return int(found.group(1)) if found else None
+
+
 def check_topk(client: TeacherClient, model: ServedModel, probe: list[int], topk: int) -> None:
     """Refuse a top-k above the server's ``max_logprobs`` before any work, naming the cap.
 
@@ -197,8 +203,8 @@ def check_topk(client: TeacherClient, model: ServedModel, probe: list[int], topk
     try:
         client.request("/v1/completions", completions_body(model, [probe[:2]], topk))
     except ServerAnswer as e:
-        found = _CAP.search(e.message)
-        cap = f"max_logprobs={found.group(1)}" if found else "its max_logprobs"
+        found = named_cap(e.message)
+        cap = "its max_logprobs" if found is None else f"max_logprobs={found}"
         raise ConfigError(
             f"--topk {topk} is above what the teacher server {client.url} allows ({cap}; it said: "
             f"{e.message.strip()[:160]}); lower --topk, or restart the server with --max-logprobs {topk}"
