@@ -212,3 +212,41 @@ def test_a_value_next_to_a_rounding_boundary_still_matches_within_the_tolerance(
 def test_the_probe_is_the_tokenizer_s(char_tokenizer):
     ids = probe_ids(char_tokenizer)
     assert 2 <= len(ids) <= 32 and char_tokenizer.unk_token_id not in ids
+
+
+def test_the_gate_compares_a_served_behaviour_with_the_sft_teacher_s(
+    sft_student_dir, micro_teacher_dir, micro_student_dir, tmp_path
+):
+    from dataclasses import asdict
+
+    from lightning_opd.consistency import behavior_consistency
+    from lightning_opd.errors import TeacherConsistencyError
+    from lightning_opd.fingerprint import local_behavior, model_fingerprint
+    from lightning_opd.modeling import model_identity
+    from lightning_opd.provenance import Provenance, write_provenance
+
+    teacher, other = local_behavior(micro_teacher_dir), local_behavior(micro_student_dir)
+    # No record in this provenance: computed from the SFT teacher's weights at the provenance's path.
+    section = behavior_consistency(student_path=str(sft_student_dir), served=teacher, where="the server")
+    assert section["consistent"] is True
+    assert section["sft_teacher_fingerprint"] == model_fingerprint(micro_teacher_dir)
+    with pytest.raises(
+        TeacherConsistencyError, match="the server does not behave like the student's SFT teacher"
+    ):
+        behavior_consistency(student_path=str(sft_student_dir), served=other, where="the server")
+    allowed = behavior_consistency(
+        student_path=str(sft_student_dir),
+        served=other,
+        where="the server",
+        allow_inconsistent=True,
+        log=print,
+    )
+    assert allowed["consistent"] is False and allowed["allowed"] is True
+    # A record written by stage zero is used as it is: the SFT teacher's weights need not exist any more.
+    student = tmp_path / "student"
+    student.mkdir()
+    gone = {**asdict(model_identity(micro_teacher_dir)), "path": str(tmp_path / "gone"), "behavior": teacher}
+    write_provenance(student, Provenance("sft", "fp1:x", "tok1:x", sft_teacher=gone))
+    assert behavior_consistency(student_path=str(student), served=teacher, where="s")["consistent"] is True
+    with pytest.raises(TeacherConsistencyError):
+        behavior_consistency(student_path=str(student), served=other, where="s")
