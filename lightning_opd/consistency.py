@@ -1,12 +1,15 @@
 """Teacher consistency: the teacher that scores must be the teacher that wrote the student's SFT data.
 
 METHODS.md §2: violating it adds a gradient bias no amount of training removes. Stage one checks it
-from the student's provenance before loading anything; stage two checks it again from the store.
+from the student's provenance before loading anything; stage two checks it again from the store. A
+teacher behind a server (``--scoring-backend server``) is compared by its behaviour fingerprint
+(``fingerprint.py``) when its weights are not at hand: ``served_identity``.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from lightning_opd.errors import TeacherConsistencyError
 from lightning_opd.fingerprint import (
@@ -15,8 +18,9 @@ from lightning_opd.fingerprint import (
     has_weights,
     local_behavior,
     same_behavior,
+    tokenizer_fingerprint,
 )
-from lightning_opd.modeling import model_identity
+from lightning_opd.modeling import check_same_tokenizer, load_tokenizer, model_identity
 from lightning_opd.provenance import ModelIdentity, read_provenance
 
 
@@ -133,6 +137,41 @@ def behavior_consistency(
         )
     log(f"WARNING: {message}; allowed by --allow-inconsistent-teacher and recorded in the manifest")
     return {"consistent": False, "allowed": True, "sft_teacher_fingerprint": sft_fingerprint, "note": message}
+
+
+def served_identity(config, served, student_path: str, log=print):
+    """``(teacher ModelIdentity, teacher_consistency section)`` for a served teacher (``served``: the
+    checked ``stage1.served.ServedTeacher``).
+
+    With weights in ``--teacher`` the server must behave like them (else it serves another model:
+    refused, whatever --allow-inconsistent-teacher says), and the gate is today's weight-fingerprint
+    comparison with the SFT teacher. Without weights the behaviour fingerprint is the teacher's
+    identity, and the gate compares it with the SFT teacher's (``consistency.behavior_consistency``).
+    """
+    where = f"the teacher server {served.client.url} ({served.model.name})"
+    teacher = str(Path(config.teacher).resolve())
+    tokenizer_fp = tokenizer_fingerprint(load_tokenizer(config.teacher))
+    student = model_identity(student_path)
+    check_same_tokenizer(student, ModelIdentity(teacher, "", tokenizer_fp), "stage 1 (scoring)")
+    common = dict(
+        student_path=student_path,
+        allow_inconsistent=config.allow_inconsistent_teacher,
+        declared_sft_teacher=config.sft_teacher or None,
+        log=log,
+    )
+    if has_weights(config.teacher):
+        named = local_behavior(config.teacher, config.device)
+        if not same_behavior(named, served.behavior):
+            raise TeacherConsistencyError(
+                f"{where} serves another model than --teacher {config.teacher}: their log-probs on the "
+                f"fingerprint probe differ by up to {behavior_distance(named, served.behavior):.3f} nats "
+                f"(tolerance {BEHAVIOR_TOLERANCE}); serve {config.teacher} there, or point --teacher at the "
+                "served model's directory"
+            )
+        identity = model_identity(config.teacher)
+        return identity, teacher_consistency(teacher=identity, **common)
+    identity = ModelIdentity(teacher, served.behavior["fingerprint"], tokenizer_fp)
+    return identity, behavior_consistency(served=served.behavior, where=where, device=config.device, **common)
 
 
 def check_store_for_training(manifest, student_fingerprint: str, student_path: str) -> None:

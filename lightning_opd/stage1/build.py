@@ -285,7 +285,8 @@ def run_scoring(config, log=print) -> Path:
     student = rollout_header["student"]
     served = None
     if config.scoring_backend == "server":  # checked, and known by its behaviour (stage1/served.py)
-        from lightning_opd.stage1.served import connect, served_identity
+        from lightning_opd.consistency import served_identity
+        from lightning_opd.stage1.served import connect
 
         served = connect(config, log)
         teacher_id, consistency = served_identity(config, served, student["path"], log)

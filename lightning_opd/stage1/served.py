@@ -340,54 +340,9 @@ def connect(config, log=print) -> ServedTeacher:
     return served
 
 
-def served_identity(config, served: ServedTeacher, student_path: str, log=print):
-    """``(teacher ModelIdentity, teacher_consistency section)`` for the served teacher.
-
-    With weights in ``--teacher`` the server must behave like them (else it serves another model:
-    refused, whatever --allow-inconsistent-teacher says), and the gate is today's weight-fingerprint
-    comparison with the SFT teacher. Without weights the behaviour fingerprint is the teacher's
-    identity, and the gate compares it with the SFT teacher's (``consistency.behavior_consistency``).
-    """
-    from lightning_opd.consistency import behavior_consistency, teacher_consistency
-    from lightning_opd.errors import TeacherConsistencyError
-    from lightning_opd.fingerprint import (
-        BEHAVIOR_TOLERANCE,
-        behavior_distance,
-        has_weights,
-        local_behavior,
-        same_behavior,
-        tokenizer_fingerprint,
-    )
-    from lightning_opd.modeling import check_same_tokenizer, load_tokenizer, model_identity
-    from lightning_opd.provenance import ModelIdentity
-
-    where = f"the teacher server {served.client.url} ({served.model.name})"
-    teacher = str(Path(config.teacher).resolve())
-    tokenizer_fp = tokenizer_fingerprint(load_tokenizer(config.teacher))
-    student = model_identity(student_path)
-    check_same_tokenizer(student, ModelIdentity(teacher, "", tokenizer_fp), "stage 1 (scoring)")
-    common = dict(
-        student_path=student_path,
-        allow_inconsistent=config.allow_inconsistent_teacher,
-        declared_sft_teacher=config.sft_teacher or None,
-        log=log,
-    )
-    if has_weights(config.teacher):
-        named = local_behavior(config.teacher, config.device)
-        if not same_behavior(named, served.behavior):
-            raise TeacherConsistencyError(
-                f"{where} serves another model than --teacher {config.teacher}: their log-probs on the "
-                f"fingerprint probe differ by up to {behavior_distance(named, served.behavior):.3f} nats "
-                f"(tolerance {BEHAVIOR_TOLERANCE}); serve {config.teacher} there, or point --teacher at the "
-                "served model's directory"
-            )
-        identity = model_identity(config.teacher)
-        return identity, teacher_consistency(teacher=identity, **common)
-    identity = ModelIdentity(teacher, served.behavior["fingerprint"], tokenizer_fp)
-    return identity, behavior_consistency(served=served.behavior, where=where, device=config.device, **common)
-
-
 def preflight(config, student_path: str, log=print) -> None:
     """``lopd precompute``: every check of a served teacher before the rollouts (no-op otherwise)."""
     if config.scoring_backend == "server":
+        from lightning_opd.consistency import served_identity
+
         served_identity(config, connect(config, log), student_path, log)
