@@ -259,7 +259,7 @@ def test_a_server_killed_mid_part_loses_that_part_only_and_a_rerun_gives_the_sam
     with pytest.raises(TeacherServerError, match="rerun the same command to resume"):
         precompute.run(config, log=lambda *_: None)
     committed = sorted(p.name for p in (out / "commits").glob("part-*.json"))
-    assert len(committed) == 1, committed
+    assert len(committed) == 1 and after_commit["calls"] == 2, committed  # died inside part 1
     monkeypatch.setattr(served_module, "score_batch", real)
     server.start()
     precompute.run(config, log=lambda *_: None)
