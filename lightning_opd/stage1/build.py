@@ -38,7 +38,6 @@ from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     SAMPLING_COLUMN,
     SCORING_ENGINE_KEY,
-    SERVED_TEACHER_KEY,
     compute_store_id,
     fixed16_encoding,
     prompt_set_section,
@@ -286,7 +285,7 @@ def run_scoring(config, log=print) -> Path:
     served = None
     if config.scoring_backend == "server":  # checked, and known by its behaviour (stage1/served.py)
         from lightning_opd.consistency import served_identity
-        from lightning_opd.stage1.served import connect
+        from lightning_opd.stage1.served import SERVED_TEACHER_KEY, connect
 
         served = connect(config, log)
         teacher_id, consistency = served_identity(config, served, student["path"], log)

@@ -45,6 +45,9 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # the server is busy
 # Run settings that say where the teacher is served, not what it is: a rerun against another URL, or
 # with other timeouts, resumes the same store (the manifest records the served model and its fingerprint).
 SERVER_FIELDS = frozenset({"teacher_url", "teacher_timeout_s", "teacher_retries"})
+# manifest.extra[SERVED_TEACHER_KEY] of a store scored here: {"model": the served name, "behavior":
+# fingerprint.behavior_record}; next to "scoring_backend": "server" (docs/STORE.md).
+SERVED_TEACHER_KEY = "teacher_server"
 _CAP = re.compile(r"(?:max(?:imum)?[ _]?(?:allowed|logprobs)\D{0,20}?)(\d+)", re.IGNORECASE)
 
 
