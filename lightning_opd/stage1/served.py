@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_opd.errors import ConfigError, InputError, TeacherServerError, TokenizerMismatchError
-from lightning_opd.logprobs import ScoredSequence
+from lightning_opd.scoring import ScoredSequence
 
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_RETRIES = 4
