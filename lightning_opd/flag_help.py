@@ -37,7 +37,13 @@ HELP = {
     "breaks teacher consistency, so only for experiments)",
     "sft_teacher": "declare the student's SFT teacher (a model directory) when the student has no provenance",
     "allow_duplicate": "write a store even when one with the same content is already registered",
-    "scoring_backend": "teacher scoring: transformers (chunked, exact) | vllm (prompt_logprobs)",
+    "scoring_backend": "teacher scoring: transformers (chunked, exact) | vllm (prompt_logprobs) | server "
+    "(a running vLLM OpenAI server at --teacher-url)",
+    "teacher_url": "--scoring-backend server: base URL of the vLLM OpenAI-compatible server of the teacher "
+    "(http://HOST:PORT); checked against --teacher's tokenizer and the SFT teacher before any work",
+    "teacher_timeout_s": "--scoring-backend server: seconds one request may take before it is retried",
+    "teacher_retries": "--scoring-backend server: retries of a failed request (exponential backoff from 1 s, "
+    "at most 30 s apart), then the run stops; committed parts are kept and a rerun resumes",
     "compact_logprobs": "store log-probs as 16-bit fixed point (error <= 2.4e-4 nats; about half the size)",
     "compact_topk_scale": "compact top-k: log-probs in steps of 1/scale nats, ids as gaps (0 = off; 32 = 1/64 nats)",
     "max_tokens_per_batch": "teacher scoring: tokens per forward batch (memory bound)",
@@ -83,7 +89,7 @@ HELP = {
 CHOICES = {
     "chat_template": ("auto", "always", "never"),
     "backend": ("auto", "vllm", "transformers"),
-    "scoring_backend": ("transformers", "vllm"),
+    "scoring_backend": ("transformers", "vllm", "server"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
     "mixed_precision": ("no", "bf16", "fp16"),

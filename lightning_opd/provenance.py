@@ -47,7 +47,12 @@ class Provenance:
 
     @property
     def sft_teacher_identity(self) -> ModelIdentity | None:
-        return ModelIdentity(**self.sft_teacher) if self.sft_teacher else None
+        if not self.sft_teacher:
+            return None
+        # Other keys (stage zero's "behavior" record of the teacher) are not part of the identity.
+        return ModelIdentity(
+            **{k: v for k, v in self.sft_teacher.items() if k in ModelIdentity.__dataclass_fields__}
+        )
 
 
 def write_provenance(model_dir: str | Path, provenance: Provenance) -> Path:

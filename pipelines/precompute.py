@@ -37,6 +37,7 @@ from lightning_opd.stage1.build import (
     run_scoring,
 )
 from lightning_opd.stage1.local import run_local_workers
+from lightning_opd.stage1.served import SERVER_FIELDS, ServerFlags, preflight
 from lightning_opd.store import open_store
 from lightning_opd.store.files import file_lock
 from lightning_opd.verifiers import check_verifier
@@ -45,6 +46,11 @@ from storage_schemas.logprob_store_v1 import (
     LOCKS_DIR,
     ROLLOUTS_SUBDIR,
     TOPK_TAIL_TREATMENTS,
+)
+
+TEACHER_HELP = (
+    "teacher model directory (must be the student's SFT teacher); with --scoring-backend server, its "
+    "tokenizer and config (weights optional)"
 )
 
 
@@ -105,9 +111,9 @@ class RolloutConfig:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(ServerFlags):
     rollouts: str = field(metadata={"help": "rollouts store written by `lopd rollout`"})
-    teacher: str = field(metadata={"help": "teacher model directory (must be the student's SFT teacher)"})
+    teacher: str = field(metadata={"help": TEACHER_HELP})
     out: str = field(metadata={"help": "output store directory"})
     topk: int = field(
         default=0, metadata={"help": "also store the teacher's top-k ids and log-probs per position"}
@@ -127,7 +133,9 @@ class ScoreConfig:
     )
     scoring_backend: str = field(
         default="transformers",
-        metadata={"help": "teacher scoring: transformers (chunked) | vllm (prompt_logprobs)"},
+        metadata={
+            "help": "teacher scoring: transformers (chunked) | vllm (prompt_logprobs) | server (--teacher-url)"
+        },
     )
     compact_logprobs: bool = field(
         default=False,
@@ -185,13 +193,12 @@ class ScoreConfig:
         )
         check_device_and_dtype(self.device, self.dtype)
         check_engine_fields(self, "scoring_", self.scoring_backend, "--scoring-backend")
+        self.check_server_flags()
 
 
 @dataclass
-class PrecomputeConfig(RolloutConfig):
-    teacher: str = field(
-        default="", metadata={"help": "teacher model directory (must be the student's SFT teacher)"}
-    )
+class PrecomputeConfig(RolloutConfig, ServerFlags):
+    teacher: str = field(default="", metadata={"help": TEACHER_HELP})
     topk: int = 0
     topk_tail: str = "renormalize"
     allow_inconsistent_teacher: bool = False
@@ -249,6 +256,7 @@ class PrecomputeConfig(RolloutConfig):
             max_tokens_per_batch=self.max_tokens_per_batch,
             chunk_size=self.chunk_size,
             **{f"scoring_{name}": getattr(self, f"scoring_{name}") for name in ENGINE_FIELDS},
+            **{name: getattr(self, name) for name in SERVER_FIELDS},
             shard_index=self.shard_index,
             num_shards=self.num_shards,
             dtype=self.dtype,
@@ -261,7 +269,11 @@ def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
     if isinstance(config, PrecomputeConfig) and config.local_workers > 1:
         return run_local(config, log)
     prepare_output_dir(
-        config.out, config, overwrite=config.overwrite, name="config.json", ignore=SHARD_FIELDS
+        config.out,
+        config,
+        overwrite=config.overwrite,
+        name="config.json",
+        ignore=SHARD_FIELDS | SERVER_FIELDS,
     )
     with worker_lock(config):
         if isinstance(config, PrecomputeConfig):
@@ -269,6 +281,7 @@ def run(config: RolloutConfig | ScoreConfig | PrecomputeConfig, log=print):
                 **{k: getattr(config, k) for k in RolloutConfig.__dataclass_fields__}
             )
             rollout_config.out = str(Path(config.out) / ROLLOUTS_SUBDIR)
+            preflight(config.score_config(), config.student, log)  # a served teacher: checked before rollouts
             run_rollouts(rollout_config, log)
             out = run_scoring(config.score_config(), log)
         elif isinstance(config, RolloutConfig):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.errors import InputError
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.fingerprint import local_behavior, model_fingerprint, tokenizer_fingerprint
 from lightning_opd.modeling import (
     check_device_and_dtype,
     check_same_tokenizer,
@@ -224,7 +224,9 @@ def run(config: SFTJobConfig, log=print) -> Path:
             stage="sft",
             model_fingerprint=model_fingerprint(out),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            sft_teacher=asdict(teacher_id),
+            # The behaviour record lets stage one check a teacher it reaches only through a server
+            # (--scoring-backend server) without these weights at hand.
+            sft_teacher={**asdict(teacher_id), "behavior": local_behavior(config.teacher, config.device)},
             config=asdict(config),
             inputs={
                 "student_init": asdict(student_id),

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_lopd as lopd
 
-from lightning_opd.fingerprint import model_fingerprint
+from lightning_opd.fingerprint import local_behavior, model_fingerprint
 from lightning_opd.prompts import write_jsonl
 from lightning_opd.provenance import read_provenance
 from lightning_opd.toy.task import sample_problems, to_records
@@ -63,6 +63,9 @@ def test_sft_writes_model_data_and_provenance(sft_run, micro_teacher_dir, micro_
     prov = read_provenance(sft_run)
     assert prov.stage == "sft"
     assert prov.sft_teacher["fingerprint"] == model_fingerprint(micro_teacher_dir)
+    # the teacher's behaviour record, for a stage one that reaches it through a server only
+    assert prov.sft_teacher["behavior"] == local_behavior(micro_teacher_dir)
+    assert prov.sft_teacher_identity.fingerprint == model_fingerprint(micro_teacher_dir)
     assert prov.model_fingerprint == model_fingerprint(sft_run) != model_fingerprint(micro_student_dir)
     assert prov.config["steps"] == 3
     rows = [json.loads(line) for line in (sft_run / "sft_data.jsonl").read_text().splitlines()]

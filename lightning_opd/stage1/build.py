@@ -44,7 +44,7 @@ from storage_schemas.logprob_store_v1 import (
     sampling_section,
 )
 
-SCORING_BACKENDS = ("transformers", "vllm")
+SCORING_BACKENDS = ("transformers", "vllm", "server")  # server: stage1/served.py
 # The vLLM engine's scale settings, one config field each: plain names for the rollout sampler
 # (RolloutConfig), "scoring_"-prefixed for the teacher scorer (ScoreConfig, PrecomputeConfig).
 ENGINE_FIELDS = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
@@ -78,15 +78,18 @@ def check_engine_fields(config, prefix: str, backend: str, backend_flag: str) ->
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
     flags = _changed_engine_flags(config, prefix)
-    if flags and backend == "transformers":
+    if flags and backend in ("transformers", "server"):  # no engine of ours runs (a server has its own)
         raise ConfigError(
-            f"{flags} configure the vLLM engine, but {backend_flag} is 'transformers'; "
+            f"{flags} configure the vLLM engine, but {backend_flag} is {backend!r}; "
             f"pass {backend_flag} vllm or drop them"
         )
 
 
-def make_scorer(config, log=print):
-    """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend."""
+def make_scorer(config, log=print, served=None):
+    """``(score(prompts, responses) -> list[ScoredSequence], close())`` for the configured backend
+    (``served``: the checked ``stage1.served.ServedTeacher`` of ``--scoring-backend server``)."""
+    if config.scoring_backend == "server":
+        return (lambda prompts, responses: served.score(prompts, responses, config.topk)), (lambda: None)
     if config.scoring_backend == "vllm":
         from lightning_opd.stage1.vllm_backend import VLLMScorer, running_settings
 
@@ -279,17 +282,27 @@ def run_scoring(config, log=print) -> Path:
         raise StoreError(f"{rollouts_root} holds no rollouts store; run `lopd rollout` first")
     rollout_header = StoreWriter.read_header(rollouts_root)
     student = rollout_header["student"]
-    teacher_id = model_identity(config.teacher)
-    # Every check that can fail does so before the teacher is loaded.
-    check_same_tokenizer(model_identity(student["path"]), teacher_id, "stage 1 (scoring)")
-    consistency = teacher_consistency(
-        student_path=student["path"],
-        teacher=teacher_id,
-        allow_inconsistent=config.allow_inconsistent_teacher,
-        declared_sft_teacher=config.sft_teacher or None,
-        log=log,
-    )
-    teacher_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace("torch.", "")
+    served = None
+    if config.scoring_backend == "server":  # checked, and known by its behaviour (stage1/served.py)
+        from lightning_opd.consistency import served_identity
+        from lightning_opd.stage1.served import SERVED_TEACHER_KEY, connect
+
+        served = connect(config, log)
+        teacher_id, consistency = served_identity(config, served, student["path"], log)
+    else:
+        teacher_id = model_identity(config.teacher)
+        # Every check that can fail does so before the teacher is loaded.
+        check_same_tokenizer(model_identity(student["path"]), teacher_id, "stage 1 (scoring)")
+        consistency = teacher_consistency(
+            student_path=student["path"],
+            teacher=teacher_id,
+            allow_inconsistent=config.allow_inconsistent_teacher,
+            declared_sft_teacher=config.sft_teacher or None,
+            log=log,
+        )
+        teacher_id.dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).replace(
+            "torch.", ""
+        )
     header = {
         **rollout_header,
         # A declared SFT teacher (--sft-teacher) fills in what the student's provenance could not say.
@@ -304,6 +317,8 @@ def run_scoring(config, log=print) -> Path:
             SCORING_ENGINE_KEY: (
                 engine_config(config, "scoring_").settings() if config.scoring_backend == "vllm" else None
             ),
+            # The served model's name and behaviour fingerprint; the URL is where, not what (left out).
+            **({SERVED_TEACHER_KEY: served.manifest_record()} if served else {}),
         },
         # The rollouts store stays float32; only the final store is compact (readers decode it).
         "encoding": (
@@ -330,7 +345,7 @@ def run_scoring(config, log=print) -> Path:
     done = writer.committed_parts(mine)
     todo = [p for p in mine if p not in done]
     log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()} ({config.scoring_backend})")
-    score, close = make_scorer(config, log) if todo else (None, lambda: None)
+    score, close = make_scorer(config, log, served) if todo else (None, lambda: None)
     try:
         bar = tqdm(todo, desc="scoring parts", unit="part")
         throughput = TokenRate()
