@@ -230,6 +230,17 @@ def local_behavior(model_dir: str | Path, device: str = "cpu") -> dict:
     return behavior_record(scored.logprobs.tolist())
 
 
+# Stage zero records the SFT teacher's behaviour only up to this much weight on disk (~1B parameters
+# in bf16): computing it loads a second, float32 copy of the teacher, which a 32B teacher (128 GB in
+# fp32) cannot afford. Above it, stage one computes the record from the SFT teacher's weights when a
+# served teacher needs checking (``consistency.sft_teacher_behavior``).
+STAGE0_BEHAVIOR_MAX_BYTES = 2 << 30
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(model_dir))
+
+
 def has_weights(model_dir: str | Path) -> bool:
     try:
         return bool(weight_files(model_dir))

@@ -28,10 +28,11 @@ from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.modeling import check_device_and_dtype
 from lightning_opd.prompts import check_chat_template_mode
 from lightning_opd.stage1.build import (
-    ENGINE_FIELD_HELP,
     ENGINE_FIELDS,
     SCORING_BACKENDS,
     SHARD_FIELDS,
+    SamplerEngineFlags,
+    ScoringEngineFlags,
     check_engine_fields,
     run_rollouts,
     run_scoring,
@@ -55,7 +56,7 @@ TEACHER_HELP = (
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(SamplerEngineFlags):
     student: str = field(metadata={"help": "SFT'd student model directory (samples the rollouts)"})
     prompts: str = field(metadata={"help": "OPD prompt set (.jsonl, .parquet or datasets dir)"})
     out: str = field(metadata={"help": "output store directory"})
@@ -87,13 +88,6 @@ class RolloutConfig:
     device: str = "auto"
     keep_text: bool = field(default=True, metadata={"help": "store decoded response text (RepRate needs it)"})
     overwrite: bool = False
-    # The rollout sampler's vLLM engine (--backend vllm); recorded in the manifest's sampling.engine.
-    tensor_parallel_size: int = field(default=1, metadata={"help": ENGINE_FIELD_HELP["tensor_parallel_size"]})
-    max_num_seqs: int | None = field(default=None, metadata={"help": ENGINE_FIELD_HELP["max_num_seqs"]})
-    gpu_memory_utilization: float | None = field(
-        default=None, metadata={"help": ENGINE_FIELD_HELP["gpu_memory_utilization"]}
-    )
-    max_model_len: int | None = field(default=None, metadata={"help": ENGINE_FIELD_HELP["max_model_len"]})
 
     def __post_init__(self):
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
@@ -111,7 +105,7 @@ class RolloutConfig:
 
 
 @dataclass
-class ScoreConfig(ServerFlags):
+class ScoreConfig(ScoringEngineFlags, ServerFlags):
     rollouts: str = field(metadata={"help": "rollouts store written by `lopd rollout`"})
     teacher: str = field(metadata={"help": TEACHER_HELP})
     out: str = field(metadata={"help": "output store directory"})
@@ -159,19 +153,6 @@ class ScoreConfig(ServerFlags):
     dtype: str = "auto"
     device: str = "auto"
     overwrite: bool = False
-    # The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine.
-    scoring_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["tensor_parallel_size"]}
-    )
-    scoring_max_num_seqs: int | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_num_seqs"]}
-    )
-    scoring_gpu_memory_utilization: float | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["gpu_memory_utilization"]}
-    )
-    scoring_max_model_len: int | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_model_len"]}
-    )
 
     def __post_init__(self):
         check(self.topk >= 0, f"topk must be >= 0, got {self.topk}")
@@ -197,7 +178,7 @@ class ScoreConfig(ServerFlags):
 
 
 @dataclass
-class PrecomputeConfig(RolloutConfig, ServerFlags):
+class PrecomputeConfig(RolloutConfig, ScoringEngineFlags, ServerFlags):
     teacher: str = field(default="", metadata={"help": TEACHER_HELP})
     topk: int = 0
     topk_tail: str = "renormalize"
@@ -209,19 +190,6 @@ class PrecomputeConfig(RolloutConfig, ServerFlags):
     compact_topk_scale: int = 0
     max_tokens_per_batch: int = 16384
     chunk_size: int = 1024
-    # The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine.
-    scoring_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["tensor_parallel_size"]}
-    )
-    scoring_max_num_seqs: int | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_num_seqs"]}
-    )
-    scoring_gpu_memory_utilization: float | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["gpu_memory_utilization"]}
-    )
-    scoring_max_model_len: int | None = field(
-        default=None, metadata={"help": "scorer: " + ENGINE_FIELD_HELP["max_model_len"]}
-    )
     local_workers: int = field(
         default=1,
         metadata={

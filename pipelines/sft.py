@@ -17,7 +17,13 @@ from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.errors import InputError
-from lightning_opd.fingerprint import local_behavior, model_fingerprint, tokenizer_fingerprint
+from lightning_opd.fingerprint import (
+    STAGE0_BEHAVIOR_MAX_BYTES,
+    local_behavior,
+    model_fingerprint,
+    tokenizer_fingerprint,
+    weight_bytes,
+)
 from lightning_opd.modeling import (
     check_device_and_dtype,
     check_same_tokenizer,
@@ -130,6 +136,14 @@ class SFTJobConfig(ScaleFlags):
         )
 
 
+def sft_teacher_behavior(config: SFTJobConfig) -> dict:
+    """The teacher's behaviour record, which lets stage one check a teacher it reaches only through a
+    server (--scoring-backend server) without these weights; left to stage one for large teachers."""
+    if weight_bytes(config.teacher) > STAGE0_BEHAVIOR_MAX_BYTES:
+        return {}
+    return {"behavior": local_behavior(config.teacher, config.device)}
+
+
 def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
     """Sample the teacher's answers (cached in sft_data.jsonl so a rerun skips generation)."""
     cache = Path(config.out) / "sft_data.jsonl"
@@ -224,9 +238,7 @@ def run(config: SFTJobConfig, log=print) -> Path:
             stage="sft",
             model_fingerprint=model_fingerprint(out),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            # The behaviour record lets stage one check a teacher it reaches only through a server
-            # (--scoring-backend server) without these weights at hand.
-            sft_teacher={**asdict(teacher_id), "behavior": local_behavior(config.teacher, config.device)},
+            sft_teacher={**asdict(teacher_id), **sft_teacher_behavior(config)},
             config=asdict(config),
             inputs={
                 "student_init": asdict(student_id),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,6 +54,30 @@ ENGINE_FIELD_HELP = {
     "gpu_memory_utilization": "share of device memory vLLM may take (default: 0.92 on a GPU, 0.2 on CPU)",
     "max_model_len": "vLLM context length (default: the model's)",
 }
+
+
+def _engine_field(name: str, default, who: str = ""):
+    return field(default=default, metadata={"help": who + ENGINE_FIELD_HELP[name]})
+
+
+@dataclass(kw_only=True)
+class SamplerEngineFlags:
+    """The rollout sampler's vLLM engine (--backend vllm); recorded in the manifest's sampling.engine."""
+
+    tensor_parallel_size: int = _engine_field("tensor_parallel_size", 1)
+    max_num_seqs: int | None = _engine_field("max_num_seqs", None)
+    gpu_memory_utilization: float | None = _engine_field("gpu_memory_utilization", None)
+    max_model_len: int | None = _engine_field("max_model_len", None)
+
+
+@dataclass(kw_only=True)
+class ScoringEngineFlags:
+    """The teacher scorer's vLLM engine (--scoring-backend vllm); recorded in the manifest's extra.scoring_engine."""
+
+    scoring_tensor_parallel_size: int = _engine_field("tensor_parallel_size", 1, "scorer: ")
+    scoring_max_num_seqs: int | None = _engine_field("max_num_seqs", None, "scorer: ")
+    scoring_gpu_memory_utilization: float | None = _engine_field("gpu_memory_utilization", None, "scorer: ")
+    scoring_max_model_len: int | None = _engine_field("max_model_len", None, "scorer: ")
 
 
 def engine_config(config, prefix: str = "", *, max_logprobs: int = 20):
