@@ -18,6 +18,7 @@
     lopd store diff A B [--all] [--json]        what differs between two stores' manifests
     lopd store list [--cache DIR] [--json]      the store index (content id -> path); `register DIR` adds one
     lopd store plot STORE_DIR --out DIR         PNG figures: lengths, rates, per-position log-probs, advantage
+    lopd store card STORE_DIR                   (re)write README.md, the dataset card (finalize writes it)
 
 No tool rewrites a store in place: outputs must be new (or empty) directories outside the sources.
 filter and merge refuse to write a store whose content id already exists elsewhere in the index
@@ -144,6 +145,11 @@ class ListConfig:
 class RegisterConfig:
     store: str = _arg("store directory")
     cache: str | None = _opt(CACHE_HELP)
+
+
+@dataclass
+class CardConfig:
+    store: str = _arg("finalized store directory")
 
 
 @dataclass
@@ -297,6 +303,11 @@ def run_plot(config: PlotConfig) -> int:
     return 0
 
 
+def run_card(config: CardConfig) -> int:
+    print(f"wrote {tools.write_card(config.store)} (datasets.load_dataset({config.store!r}) reads the store)")
+    return 0
+
+
 # sub-command -> (config, run, one-line help); each run returns the exit status.
 COMMANDS = {
     "inspect": (InspectConfig, run_inspect, "print a store's identity and statistics"),
@@ -310,6 +321,7 @@ COMMANDS = {
     "list": (ListConfig, run_list, "stores in the index (content id -> path)"),
     "register": (RegisterConfig, run_register, "add a finalized store to the index"),
     "plot": (PlotConfig, run_plot, "PNG figures of a store"),
+    "card": (CardConfig, run_card, "write the store's dataset card (README.md) for datasets and the Hub"),
 }
 
 

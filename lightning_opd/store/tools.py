@@ -5,6 +5,7 @@
 - ``compact``: a new store with 16-bit log-probs (format 1.2);
 - ``export``: a Hugging Face datasets directory, or plain Parquet + manifest + README;
 - ``diff``: what differs between two stores' manifests;
+- ``card``: the dataset card (README.md) that makes a store a Hugging Face dataset;
 - ``histogram``: token-level distributions (notebooks, ``lopd store plot``);
 - ``derive``: what the tools that write derived stores share (output checks, sources, lineage).
 
@@ -13,6 +14,7 @@ The rules for derived stores' identity, lineage and merging are part of the form
 names for ``from lightning_opd.store import tools``.
 """
 
+from lightning_opd.store.card import card_text, write_card
 from lightning_opd.store.compact import compact_header, compact_store
 from lightning_opd.store.derive import (
     check_output_dir,
@@ -44,6 +46,7 @@ __all__ = [
     "DiffRow",
     "FilterSpec",
     "Histogram",
+    "card_text",
     "check_output_dir",
     "compact_header",
     "compact_store",
@@ -63,4 +66,5 @@ __all__ = [
     "merge_stores",
     "read_checked_shard",
     "source_record",
+    "write_card",
 ]
