@@ -31,6 +31,12 @@ _PACKAGES = {
     "mlflow": ("mlflow", "pip install mlflow-skinny"),
 }
 EXTRA_HINT = "or all of them: pip install 'lightning-opd[trackers]'"
+# What to do when a tracker's own start-up fails, by the package its exception comes from.
+_START_HINTS = {
+    "mlflow": "point MLFLOW_TRACKING_URI at your server or database (or set MLFLOW_ALLOW_FILE_STORE=true "
+    "for a local file store)",
+    "wandb": "log in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline and `wandb sync` later",
+}
 
 
 def check_report_to(value: str) -> None:
@@ -116,13 +122,13 @@ class RunTracker:
         try:
             accelerator.init_trackers(self.name, config=config, init_kwargs=init_kwargs)
         except Exception as e:
-            if type(e).__module__.split(".")[0] != "mlflow":
+            package = type(e).__module__.split(".")[0]
+            if package not in _START_HINTS:
                 raise
-            # MLflow's backend is the user's set-up (a server, a database, a file store it may refuse).
+            # The tracker's backend is the user's set-up (a server, a login, a store it may refuse).
             raise ConfigError(
-                f"--report-to mlflow: MLflow refused its tracking backend ({str(e).splitlines()[0][:300]}); "
-                "point MLFLOW_TRACKING_URI at your server or database (or set MLFLOW_ALLOW_FILE_STORE=true "
-                "for a local file store), or pass --report-to none"
+                f"--report-to: {package} refused to start ({(str(e).splitlines() or [''])[0][:300]}); "
+                f"{_START_HINTS[package]}, or pass --report-to none"
             ) from None
 
     def log(self, row: dict[str, Any]) -> None:
