@@ -20,7 +20,7 @@ VLLM_VERSION="0.32.0"
 # is installed with --no-deps so that pip never upgrades vLLM's transformers; these are added one by one.
 LIGHT_DEPS=(
     "pyarrow:pyarrow" "polars:polars" "datasets:datasets" "zstandard:zstandard" "tqdm:tqdm"
-    "accelerate:accelerate" "pytest:pytest" "pytest_timeout:pytest-timeout" "duckdb:duckdb"
+    "accelerate:accelerate" "math_verify:math-verify" "pytest:pytest" "pytest_timeout:pytest-timeout" "duckdb:duckdb"
 )
 
 log() { echo "[vllm_env] $*"; }

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from lightning_opd import progress
 from lightning_opd.config import add_dataclass_args, config_from_args
 from lightning_opd.errors import LopdError
 
@@ -65,7 +66,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         config_cls = getattr(module, config_name)
         add_dataclass_args(p, config_cls)
-        p.set_defaults(_run=lambda args, m=module, c=config_cls: m.run(config_from_args(c, args)))
+        # Status lines go through tqdm.write: on a terminal they print above a progress bar, not into it.
+        p.set_defaults(
+            _run=lambda args, m=module, c=config_cls: m.run(config_from_args(c, args), log=progress.write)
+        )
     store = sub.add_parser("store", help="inspect, verify and manage logprob stores")
     if command == "store":
         from pipelines import store_tools

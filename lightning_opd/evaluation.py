@@ -81,7 +81,9 @@ def evaluate_model(
             batch_size=batch_size,
             backend=backend,
         )
-        rollouts = make_sampler(model, config, tokenizer=tokenizer).sample(prompt_ids, keys, seed)
+        rollouts = make_sampler(model, config, tokenizer=tokenizer, progress="eval greedy").sample(
+            prompt_ids, keys, seed
+        )
         scores = grade_rollouts(rollouts, answers, verifier)
         greedy_acc = sum(scores) / len(scores)
         lengths += [len(r.response_ids) for r in rollouts]
@@ -97,7 +99,9 @@ def evaluate_model(
             batch_size=batch_size,
             backend=backend,
         )
-        rollouts = make_sampler(model, config, tokenizer=tokenizer).sample(prompt_ids, keys, seed)
+        rollouts = make_sampler(
+            model, config, tokenizer=tokenizer, progress=f"eval {samples} samples"
+        ).sample(prompt_ids, keys, seed)
         correct: dict[str, int] = defaultdict(int)
         for r, s in zip(rollouts, grade_rollouts(rollouts, answers, verifier)):
             correct[r.prompt_id] += int(s)

@@ -62,6 +62,8 @@ HELP = {
     "save_every": "write a resumable checkpoint every N steps (0 = only the final model)",
     "keep_checkpoints": "checkpoints kept on disk (the newest)",
     "log_every": "print the status line every N steps (metrics.jsonl has every step)",
+    "report_to": "also log every metrics.jsonl row to experiment trackers (accelerate's): none | tensorboard "
+    "| wandb | mlflow | all (every installed one); pip install 'lightning-opd[trackers]'",
     "shuffle_buffer": "rows held for the streaming shuffle (larger mixes better, costs host memory)",
     "max_response_tokens": "skip stored rollouts whose response is longer than this (0 = keep all)",
     "sample_reduction": "per-sample token means are summed (paper) | averaged over the batch",
@@ -103,4 +105,5 @@ CHOICES = {
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "topk_tail": ("renormalize", "tail_bucket"),
     "precision": ("bf16", "no"),
+    "report_to": ("none", "tensorboard", "wandb", "mlflow", "all"),
 }

@@ -39,7 +39,7 @@ from lightning_opd.stage1.build import (
 )
 from lightning_opd.stage1.local import run_local_workers
 from lightning_opd.stage1.served import SERVER_FIELDS, ServerFlags, preflight
-from lightning_opd.store import open_store
+from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.files import file_lock
 from lightning_opd.verifiers import check_verifier
 from storage_schemas import logprob_store_v1 as fmt
@@ -276,9 +276,7 @@ def run_local(config: PrecomputeConfig, log=print) -> Path:
     """``--local-workers N``: N shard workers on this machine (stage1/local.py), then the manifest."""
     out = run_local_workers(config, "precompute", log)
     if not (out / "manifest.json").exists():  # all done, but none saw the others finish
-        from pipelines.store_tools import FinalizeConfig, run_finalize
-
-        run_finalize(FinalizeConfig(store=str(out)))
+        StoreWriter.reopen(out).finalize(wait_s=0)
     open_store(out)
     log(f"stage 1: {config.local_workers} local workers done: {out}")
     return out

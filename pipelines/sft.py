@@ -37,6 +37,7 @@ from lightning_opd.scale import ScaleFlags, prepare_student, resolve_save_dtype,
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, refuse_several_processes, train_sft
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
+from lightning_opd.tracking import RunTracker, check_report_to
 from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 SFT_CONFIG_FILE = "sft_config.json"
@@ -104,9 +105,11 @@ class SFTJobConfig(ScaleFlags):
             "token (teacher-forced argmax; needs --holdout; 0 = train all --steps)"
         },
     )
+    report_to: str = "none"
     overwrite: bool = False
 
     def __post_init__(self):
+        check_report_to(self.report_to)
         check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check_chat_template_mode(self.chat_template)
@@ -163,7 +166,7 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
     )
     prompt_ids = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
     log(f"stage 0: teacher answers {len(records)} prompts x {config.samples_per_prompt}")
-    sampler = make_sampler(config.teacher, sampling, config.device)
+    sampler = make_sampler(config.teacher, sampling, config.device, progress="sft: teacher answers")
     rollouts = sampler.sample(prompt_ids, [r.prompt_id for r in records], config.seed)
     sampler.close()
     answers = {r.prompt_id: r.answer for r in records}
@@ -190,8 +193,12 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
 
 def run(config: SFTJobConfig, log=print) -> Path:
     refuse_several_processes()  # before the teacher answers anything
+    tracker = RunTracker.for_run(config, "lopd-sft")  # --report-to: a missing package fails here, not later
     # Not config.json: --out is also the student's model directory, whose save_pretrained writes that name.
-    out = prepare_output_dir(config.out, config, overwrite=config.overwrite, name=SFT_CONFIG_FILE)
+    # A tracker does not make another run: --report-to may change between reruns (teacher answers reused).
+    out = prepare_output_dir(
+        config.out, config, overwrite=config.overwrite, name=SFT_CONFIG_FILE, ignore=frozenset({"report_to"})
+    )
     # Identity and tokenizer checks come first: a mismatch must fail before minutes of generation.
     teacher_id = model_identity(config.teacher)
     student_id = model_identity(config.student)
@@ -227,7 +234,13 @@ def run(config: SFTJobConfig, log=print) -> Path:
     student, tokenizer = load_causal_lm(config.student, dtype="float32", device=config.device)
     student = prepare_student(student, config)  # gradient checkpointing, LoRA adapters
     history = train_sft(
-        student, examples, config.train_config(), pad_id=tokenizer.pad_token_id, log=log, holdout=holdout
+        student,
+        examples,
+        config.train_config(),
+        pad_id=tokenizer.pad_token_id,
+        log=log,
+        holdout=holdout,
+        tracker=tracker,
     )
     save_student(student, student.state_dict(), out, resolve_save_dtype(config.save_dtype, config.student))
     tokenizer.save_pretrained(out)

@@ -1,29 +1,14 @@
-"""Store maintenance commands: inspect, verify, finalize, and derive/export/compare/index stores.
+"""Store maintenance commands, ``lopd store COMMAND`` (``lopd store COMMAND --help`` for the flags):
 
-    lopd store inspect STORE_DIR [--json]       identity, sizes and rollout statistics (manifest only)
-    lopd store inspect STORE_DIR --positions [--bucket N]
-                                                per-position token count and mean teacher / behaviour /
-                                                teacher-behaviour log-prob (streams the log-prob columns)
-    lopd store verify STORE_DIR [--quick]       checksums, schema, identity and a row scan; exit 1 on problems
-    lopd store finalize STORE_DIR [--num-shards N]
-                                                after all `lopd precompute --shard-index i --num-shards N`
-                                                workers finished: commit their parts into one manifest
-    lopd store filter SRC --out DST [--finish-reasons stop] [--min-length N] [--max-length N]
-                      [--min-reward R] [--drop-truncated] [--drop-repetitive] [--drop-empty]
-                                                a NEW store of the rollouts that pass (lineage in the manifest)
-    lopd store merge A B [C ...] --out DST      one NEW store from compatible scored stores
-    lopd store compact SRC --out DST           a NEW store with 16-bit log-probs (format 1.2; error in the manifest;
-                                               --topk-scale 32: also sorted top-k ids and coarser top-k, 1.3)
-    lopd store export SRC --to hf|parquet DST   a Hugging Face datasets dir, or plain Parquet + manifest + README
-    lopd store diff A B [--all] [--json]        what differs between two stores' manifests
-    lopd store list [--cache DIR] [--json]      the store index (content id -> path); `register DIR` adds one
-    lopd store plot STORE_DIR --out DIR         PNG figures: lengths, rates, per-position log-probs, advantage
+    inspect / verify / diff / list / plot       read stores (verify: checksums, schema, identity, rows)
+    finalize                                    commit the parts of all `--shard-index i` workers
+    filter / merge / compact                    write a NEW store derived from others (lineage kept)
+    export / register / card                    hand a store to other tools, the index, the Hub
 
 No tool rewrites a store in place: outputs must be new (or empty) directories outside the sources.
-filter and merge refuse to write a store whose content id already exists elsewhere in the index
-(`$LOPD_STORE_CACHE`, default ~/.cache/lightning-opd/stores) unless --allow-duplicate, and register it.
-
-Without the `lopd` entry point: `python -m pipelines.store_tools verify STORE_DIR`.
+filter, merge and compact refuse to write a store whose content id already exists elsewhere in the
+index (`$LOPD_STORE_CACHE`, default ~/.cache/lightning-opd/stores) unless --allow-duplicate, and
+register it. Without the `lopd` entry point: `python -m pipelines.store_tools verify STORE_DIR`.
 """
 
 from __future__ import annotations
@@ -37,7 +22,6 @@ from pathlib import Path
 from lightning_opd.config import add_dataclass_args, config_from_args, exclusive_output
 from lightning_opd.errors import LopdError
 from lightning_opd.store import registry, tools
-from lightning_opd.store.reader import read_saved_header
 from lightning_opd.store.summary import format_position_stats, position_stats, summarize_store
 from lightning_opd.store.verify import verify_store, verify_summary
 from lightning_opd.store.writer import StoreWriter
@@ -83,10 +67,18 @@ class FinalizeConfig:
     num_shards: int | None = _opt("number of precompute workers (names the ones to rerun)")
 
 
-@dataclass
-class FilterConfig:
-    store: str = _arg("source store directory")
+@dataclass(kw_only=True)
+class DerivedOutput:
+    """Where filter, merge and compact write their new store, and the content-id index it joins."""
+
     out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
+    cache: str | None = _opt(CACHE_HELP)
+    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
+
+
+@dataclass
+class FilterConfig(DerivedOutput):
+    store: str = _arg("source store directory")
     finish_reasons: list[str] | None = _opt(f"keep only these finish reasons {fmt.FINISH_REASONS}", nargs="+")
     min_length: int = _opt("keep responses of at least N tokens", 0)
     max_length: int | None = _opt("keep responses of at most N tokens")
@@ -94,24 +86,16 @@ class FilterConfig:
     drop_truncated: bool = _opt("drop rollouts cut at the horizon", False)
     drop_repetitive: bool = _opt("drop repetitive rollouts (needs text)", False)
     drop_empty: bool = _opt("drop empty responses", False)
-    cache: str | None = _opt(CACHE_HELP)
-    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(DerivedOutput):
     stores: list[str] = _arg("source store directories (at least two)", nargs="+")
-    out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
-    cache: str | None = _opt(CACHE_HELP)
-    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
 
 
 @dataclass
-class CompactConfig:
+class CompactConfig(DerivedOutput):
     store: str = _arg("source store directory")
-    out: str = _opt("new store directory (must not exist or be empty)", REQUIRED)
-    cache: str | None = _opt(CACHE_HELP)
-    allow_duplicate: bool = _opt(DUPLICATE_HELP, False)
     topk_scale: int = _opt(
         "also compact the top-k (format 1.3): ids sorted and stored as gaps, top-k log-probs in steps of "
         f"1/N nats (error <= 1/(2N)); N a power of two, e.g. {fmt.SUGGESTED_TOPK_SCALE}; 0 = keep 1.2's top-k",
@@ -147,6 +131,11 @@ class RegisterConfig:
 
 
 @dataclass
+class CardConfig:
+    store: str = _arg("finalized store directory")
+
+
+@dataclass
 class PlotConfig:
     store: str = _arg("store directory")
     out: str = _opt("directory for the PNG files", REQUIRED)
@@ -173,16 +162,8 @@ def run_verify(config: VerifyConfig) -> int:
 
 def run_finalize(config: FinalizeConfig) -> int:
     root = Path(config.store)
-    saved = read_saved_header(root)
-    writer = StoreWriter(
-        root,
-        saved["header"],
-        num_parts=saved["num_parts"],
-        topk=fmt.topk_of(saved["header"]),
-        **_column_options(saved["columns"]),
-    )
     # A person running this wants an answer now, not to queue behind active workers.
-    manifest = writer.finalize(num_shards=config.num_shards, wait_s=0)
+    manifest = StoreWriter.reopen(root).finalize(num_shards=config.num_shards, wait_s=0)
     print(
         f"finalized {root}: {len(manifest.shards)} shards, {manifest.stats.num_rollouts} rollouts, "
         f"{manifest.stats.num_response_tokens} response tokens, store_id {manifest.store_id[:12]}"
@@ -190,24 +171,9 @@ def run_finalize(config: FinalizeConfig) -> int:
     return 0
 
 
-def _column_options(columns: list[str]) -> dict[str, bool]:
-    return {
-        "with_text": fmt.TEXT_COLUMN in columns,
-        "with_reward": fmt.REWARD_COLUMN in columns,
-        "with_sampling": fmt.SAMPLING_COLUMN in columns,
-    }
-
-
-def _finish_reasons(values: list[str] | None) -> tuple[str, ...]:
-    # Accept both `--finish-reasons stop length` and `--finish-reasons stop,length`.
-    if not values:
-        return fmt.FINISH_REASONS
-    return tuple(r for value in values for r in value.split(",") if r)
-
-
 def run_filter(config: FilterConfig) -> int:
     spec = tools.FilterSpec(
-        finish_reasons=_finish_reasons(config.finish_reasons),
+        finish_reasons=tools.finish_reasons_from_flags(config.finish_reasons),
         min_length=config.min_length,
         max_length=config.max_length,
         min_reward=config.min_reward,
@@ -215,39 +181,28 @@ def run_filter(config: FilterConfig) -> int:
         drop_repetitive=config.drop_repetitive,
         drop_empty=config.drop_empty,
     )
-    with exclusive_output(config.out, _busy(config.out)):
-        tools.filter_store(
-            config.store, config.out, spec, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
-        )
-    return 0
+    return _derive(config, lambda **kw: tools.filter_store(config.store, config.out, spec, **kw))
 
 
 def run_merge(config: MergeConfig) -> int:
-    with exclusive_output(config.out, _busy(config.out)):
-        tools.merge_stores(
-            config.stores, config.out, cache_dir=config.cache, allow_duplicate=config.allow_duplicate
-        )
-    return 0
+    return _derive(config, lambda **kw: tools.merge_stores(config.stores, config.out, **kw))
 
 
 def run_compact(config: CompactConfig) -> int:
-    with exclusive_output(config.out, _busy(config.out)):
-        tools.compact_store(
-            config.store,
-            config.out,
-            cache_dir=config.cache,
-            allow_duplicate=config.allow_duplicate,
-            topk_scale=config.topk_scale or None,
-        )
-    return 0
+    scale = config.topk_scale or None
+    return _derive(config, lambda **kw: tools.compact_store(config.store, config.out, topk_scale=scale, **kw))
 
 
-def _busy(out: str) -> str:
-    # Two derivations into one output at once: the second is refused instead of racing the first.
-    return (
-        f"another `lopd store` filter, merge or compact is writing {out} right now; wait for it to finish, "
-        "or choose another --out"
+def _derive(config: DerivedOutput, write) -> int:
+    """Run ``write(cache_dir=, allow_duplicate=)`` as the only writer of ``config.out``: a second filter,
+    merge or compact into the same output at once is refused instead of racing the first."""
+    busy = (
+        f"another `lopd store` filter, merge or compact is writing {config.out} right now; wait for it to "
+        "finish, or choose another --out"
     )
+    with exclusive_output(config.out, busy):
+        write(cache_dir=config.cache, allow_duplicate=config.allow_duplicate)
+    return 0
 
 
 def run_export(config: ExportConfig) -> int:
@@ -297,6 +252,11 @@ def run_plot(config: PlotConfig) -> int:
     return 0
 
 
+def run_card(config: CardConfig) -> int:
+    print(f"wrote {tools.write_card(config.store)} (datasets.load_dataset({config.store!r}) reads the store)")
+    return 0
+
+
 # sub-command -> (config, run, one-line help); each run returns the exit status.
 COMMANDS = {
     "inspect": (InspectConfig, run_inspect, "print a store's identity and statistics"),
@@ -310,6 +270,7 @@ COMMANDS = {
     "list": (ListConfig, run_list, "stores in the index (content id -> path)"),
     "register": (RegisterConfig, run_register, "add a finalized store to the index"),
     "plot": (PlotConfig, run_plot, "PNG figures of a store"),
+    "card": (CardConfig, run_card, "write the store's dataset card (README.md) for datasets and the Hub"),
 }
 
 

@@ -32,6 +32,7 @@ from lightning_opd.fingerprint import model_fingerprint
 from lightning_opd.modeling import load_causal_lm
 from lightning_opd.packing import resolve_attn_implementation
 from lightning_opd.plan import fit_warning
+from lightning_opd.progress import step_bar
 from lightning_opd.scale import prepare_student
 from lightning_opd.stage2 import runs
 from lightning_opd.stage2.batch import StudentScorer
@@ -44,6 +45,7 @@ from lightning_opd.stage2.sharding import training_accelerator
 from lightning_opd.stage2.step import make_optimizer, update_inputs
 from lightning_opd.store import RolloutStream, RowFilter, open_store
 from lightning_opd.store.rowcheck import check_rows
+from lightning_opd.tracking import RunTracker
 from storage_schemas import logprob_store_v1 as fmt
 
 PRESETS = ("", "esr")
@@ -159,7 +161,10 @@ def run(config: TrainConfig, log=print) -> Path:
     # may run a second forward in a micro-batch where another runs none, and mismatched collectives
     # hang. The buffers (rotary tables) are constants loaded identically everywhere: no broadcast.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    accelerator = training_accelerator(config.mixed_precision, kwargs_handlers=[ddp])  # refuses FSDP1 etc.
+    tracker = RunTracker.for_run(config, "lopd-train")  # --report-to; refuses a tracker not installed
+    accelerator = training_accelerator(  # refuses FSDP1 etc.
+        config.mixed_precision, kwargs_handlers=[ddp], **tracker.accelerator_kwargs()
+    )
     if accelerator.is_fsdp2 and config.max_tokens_per_micro_batch:
         raise ConfigError(
             "--max-tokens-per-micro-batch is not available under FSDP2 yet (processes would run different "
@@ -176,6 +181,7 @@ def run(config: TrainConfig, log=print) -> Path:
     if accelerator.is_main_process:
         prepare_output_dir(out, config, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS)
     accelerator.wait_for_everyone()
+    tracker.start(accelerator)  # into --out, which now holds config.json
     student_fp = model_fingerprint(config.student)
     stores, weights, store_horizon, topk = open_stores(config, student_fp)
     # Before any data or weights: say so when the memory plan says this will not fit the GPU.
@@ -213,7 +219,7 @@ def run(config: TrainConfig, log=print) -> Path:
     if state is not None:
         stream.load_state_dict(state["stream"])
     metrics = (
-        runs.MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
+        runs.MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step, tracker=tracker)
         if accelerator.is_main_process
         else None
     )
@@ -238,7 +244,7 @@ def run(config: TrainConfig, log=print) -> Path:
         check_rows(rows, stores, vocab_size)
 
     started = runs.timer()
-    for step in range(start_step, config.steps):
+    for step in step_bar(start_step, config.steps, "stage 2", enabled=accelerator.is_main_process):
         row = offline_step(
             accelerator, model, optimizer, scheduler, stream, inputs, config, step, store_horizon, check_batch
         )

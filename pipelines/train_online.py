@@ -36,6 +36,7 @@ from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError
 from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
 from lightning_opd.packing import resolve_attn_implementation
+from lightning_opd.progress import step_bar
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash
 from lightning_opd.scale import prepare_student
 from lightning_opd.stage1.rollout import SamplingConfig
@@ -58,11 +59,9 @@ from lightning_opd.stage2.runs import (
     timer,
     write_final_model,
 )
-from lightning_opd.stage2.step import (
-    make_optimizer,
-    update_inputs,
-)
+from lightning_opd.stage2.step import make_optimizer, update_inputs
 from lightning_opd.store import StoreWriter
+from lightning_opd.tracking import RunTracker
 from storage_schemas.logprob_store_v1 import prompt_set_section, sampling_section
 
 
@@ -202,12 +201,14 @@ def open_online_store(config: OnlineConfig, records, student_id, teacher_id, con
 
 def run(config: OnlineConfig, log=print) -> Path:
     consistency, teacher_id = check_teacher(config, log)  # refuse before writing or loading anything
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    tracker = RunTracker.for_run(config, "lopd-train-online")  # --report-to
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, **tracker.accelerator_kwargs())
     if accelerator.num_processes > 1:
         raise ConfigError(
             "online OPD runs in one process (sampler, teacher and trainer share it); drop accelerate launch"
         )
     out = prepare_output_dir(config.out, config, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS)
+    tracker.start(accelerator)
     set_seed(config.seed)
     device = str(accelerator.device)  # the trainer's device; teacher and sampler share it
     attention = resolve_attn_implementation(config.attn_implementation, device)
@@ -236,7 +237,7 @@ def run(config: OnlineConfig, log=print) -> Path:
     if config.write_store:
         student_id = model_identity(config.student)
         writer = open_online_store(config, records, student_id, teacher_id, consistency)
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step)
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=start_step, tracker=tracker)
     eval_prompts = eval_records(config)
     inputs = update_inputs(
         config,
@@ -254,7 +255,7 @@ def run(config: OnlineConfig, log=print) -> Path:
         config, accelerator, model, teacher, reference, tokenizer, records, encoded, inputs, writer
     )
     started = timer()
-    for step in range(start_step, config.steps):
+    for step in step_bar(start_step, config.steps, "online OPD"):
         row = online_step(session, step)
         optimizer_step(accelerator, model, optimizer, scheduler, config, step, row)
         row["elapsed_s"] = timer() - started

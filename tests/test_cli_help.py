@@ -50,6 +50,7 @@ def test_choices_mirror_the_library():
     from lightning_opd.stage1.rollout import BACKENDS, DTYPES
     from lightning_opd.stage2.horizons import HORIZON_KINDS
     from lightning_opd.stage2.objectives import DIVERGENCES, OBJECTIVES, SAMPLE_REDUCTIONS, TOPK_TAILS
+    from lightning_opd.tracking import REPORT_TO
     from lightning_opd.verifiers import VERIFIER_CHOICES
 
     assert CHOICES["chat_template"] == CHAT_TEMPLATE_MODES
@@ -60,6 +61,7 @@ def test_choices_mirror_the_library():
     assert CHOICES["horizon"] == HORIZON_KINDS and set(CHOICES["verifier"]) == set(VERIFIER_CHOICES)
     assert CHOICES["optim"] == OPTIMIZERS and CHOICES["save_dtype"] == SAVE_DTYPES
     assert CHOICES["attn_implementation"] == ATTN_IMPLEMENTATIONS and CHOICES["topk_tail"] == TOPK_TAILS
+    assert CHOICES["report_to"] == REPORT_TO
 
 
 def test_a_typo_in_a_choice_is_refused_with_the_list():

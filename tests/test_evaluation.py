@@ -1,15 +1,19 @@
 """Verifiers: the generic math verifier on real answer styles, and no toy verifier by default."""
 
+import threading
+import time
+import warnings
+
 import pytest
 
+from lightning_opd import verifiers
 from lightning_opd.errors import ConfigError
 from lightning_opd.prompts import PromptRecord
 from lightning_opd.verifiers import (
     VERIFIERS,
-    extract_final_answer,
+    grade_last_number,
     grade_math,
     infer_verifier,
-    last_boxed,
     resolve_verifier,
 )
 
@@ -27,6 +31,16 @@ from lightning_opd.verifiers import (
         ("First 3, then 7, final: -2", "-2"),
         ("\\boxed{x^{2}+1}", "x^{2} + 1"),
         ("The answer is 10.", "\\boxed{10}"),
+        # math-verify: fractions = decimals, thousands separators, units, intervals, sets
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("so x = 0.5", "\\frac{1}{2}"),
+        ("\\boxed{3.14}", "3.14"),
+        ("The answer is 1,000", "1000"),
+        ("\\boxed{1,000}", "1000"),
+        ("The side is 5 cm", "5"),
+        ("\\boxed{5 \\text{ cm}}", "5"),
+        ("\\boxed{[1, 3)}", "[1,3)"),
+        ("\\boxed{\\{1, 2, 3\\}}", "\\{3,2,1\\}"),
     ],
 )
 def test_math_verifier_accepts_right_answers(response, reference):
@@ -42,16 +56,54 @@ def test_math_verifier_accepts_right_answers(response, reference):
         ("42 apples then 7", "42"),  # the last number counts
         ("\\boxed{}", ""),
         ("\\boxed{x+1}", "x+2"),
+        ("\\boxed{(1, 3]}", "[1,3)"),  # another interval
+        ("\\boxed{0.49}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{", "1"),  # unparseable: 0, no exception
+        ("asdf \\boxed{)(} \\sqrt{{", "1"),
     ],
 )
 def test_math_verifier_rejects_wrong_or_missing_answers(response, reference):
     assert grade_math(response, reference) == 0.0
 
 
-def test_boxed_extraction_balances_braces():
-    assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
-    assert last_boxed("\\boxed{unclosed") is None
-    assert extract_final_answer("1, 2 and 3,000") == "3000"
+def test_last_number_keeps_its_plain_rule():
+    assert grade_last_number("1, 2 and 3,000", "3000") == 1.0
+    assert grade_last_number("\\boxed{\\frac{1}{2}}", "0.5") == 0.0  # no LaTeX: use `math` for that
+
+
+def _slow_grade(response, reference):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # pure Python, like SymPy stuck on a power tower
+        pass
+    return 1.0
+
+
+def test_a_pathological_answer_is_given_up_on_at_the_timeout(monkeypatch):
+    monkeypatch.setattr(verifiers, "_grade_math_unbounded", _slow_grade)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="gave up on an answer after 0.5 s"):
+        assert grade_math("\\boxed{9^{9^{9^{9}}}}", "1", timeout_s=0.5) == 0.0
+    assert time.monotonic() - start < 5
+    # the alarm is gone and the grader works again
+    monkeypatch.undo()
+    assert grade_math("\\boxed{2}", "2", timeout_s=0.5) == 1.0
+
+
+def test_the_timeout_also_holds_outside_the_main_thread(monkeypatch):
+    # signals reach only the main thread (math-verify's own timeout refuses to run elsewhere)
+    monkeypatch.setattr(verifiers, "_grade_math_unbounded", _slow_grade)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(grade_math("x", "1", timeout_s=0.5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        worker.start()
+        worker.join(10)
+    assert results == [0.0]
+    monkeypatch.undo()
+    worker = threading.Thread(target=lambda: results.append(grade_math("\\boxed{\\frac{1}{2}}", "0.5")))
+    worker.start()
+    worker.join(10)
+    assert results == [0.0, 1.0]
 
 
 def test_the_toy_verifier_is_used_only_for_the_toy():

@@ -30,7 +30,9 @@ from lightning_opd.logprobs import (
     topk_logprobs_from_hidden,
 )
 from lightning_opd.packing import micro_batches, pack
+from lightning_opd.progress import step_bar
 from lightning_opd.scale import make_adamw, trainable_parameters
+from lightning_opd.tracking import RunTracker
 
 IGNORE_INDEX = -100
 
@@ -228,19 +230,22 @@ def train_sft(
     on_eval: Callable[[int], None] | None = None,
     eval_every: int = 0,
     holdout: list[SFTExample] | None = None,
+    tracker: RunTracker | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; returns the logged metrics (one dict per ``log_every`` steps).
 
     With ``config.stop_at_match`` set, ``holdout`` (answers never trained on) is checked every
     ``config.check_every`` steps and training ends at the first check that reaches the target; the last
-    row then carries ``stopped_early`` and ``val_match``.
+    row then carries ``stopped_early`` and ``val_match``. ``tracker`` (--report-to) gets every row.
     """
     if not examples:
         raise ValueError("no SFT examples to train on")
     if config.stop_at_match > 0 and not holdout:
         raise ConfigError("stop_at_match needs held-out examples to check against (holdout)")
     refuse_several_processes()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    tracker = tracker or RunTracker("none", ".", "lopd-sft")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, **tracker.accelerator_kwargs())
+    tracker.start(accelerator)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     optimizer = make_adamw(
@@ -259,7 +264,8 @@ def train_sft(
     model.train()
     order: list[int] = []
     history, start, tokens = [], time.time(), 0
-    for step in range(config.steps):
+    bar = step_bar(0, config.steps, "sft")
+    for step in bar:
         if len(order) < config.batch_size:
             fresh = list(range(len(examples)))
             rng.shuffle(fresh)
@@ -283,6 +289,7 @@ def train_sft(
                 "elapsed_s": elapsed,
             }
             history.append(row)
+            tracker.log(row)
             log(
                 f"sft step {step + 1}/{config.steps} loss {row['loss']:.4f} gnorm {row['grad_norm']:.2f} "
                 f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s {elapsed:.0f}s"
@@ -298,6 +305,7 @@ def train_sft(
             reached = match >= config.stop_at_match
             if reached or step + 1 == config.steps:
                 history.append({"step": step + 1, "loss": loss, "val_match": match, "stopped_early": reached})
+                tracker.log(history[-1])
                 log(
                     f"sft: held-out exact match {100 * match:.1f}% at step {step + 1}: "
                     + (
@@ -309,6 +317,8 @@ def train_sft(
                 )
                 if reached:
                     break
+    bar.close()  # also when the early stop left the loop
     model.eval()
     accelerator.unwrap_model(model)
+    tracker.finish()  # every row is flushed as it is logged: a failed run loses none
     return history

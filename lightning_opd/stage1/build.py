@@ -9,12 +9,9 @@ Work is cut into fixed parts of the prompt set; worker i of N does the parts wit
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-from tqdm import tqdm
 
 from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError, StoreError
@@ -27,6 +24,7 @@ from lightning_opd.modeling import (
     resolve_device,
     resolve_dtype,
 )
+from lightning_opd.progress import TokenRate, progress_bar
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash, unencodable
 from lightning_opd.scoring import score_sequences
 from lightning_opd.stage1.rollout import SamplingConfig
@@ -141,17 +139,6 @@ def make_scorer(config, log=print, served=None):
 
 # Workers of one sharded run share the output directory and differ only in these.
 SHARD_FIELDS = frozenset({"shard_index"})
-
-
-class TokenRate:
-    """Tokens per second since creation, for the progress bars' postfix."""
-
-    def __init__(self):
-        self.start, self.tokens = time.perf_counter(), 0
-
-    def add(self, tokens: int) -> str:
-        self.tokens += tokens
-        return f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s"
 
 
 def my_parts(num_parts: int, shard_index: int, num_shards: int) -> list[int]:
@@ -278,7 +265,7 @@ def run_rollouts(config, log=print) -> Path:
     )
     answers = {r.prompt_id: r.answer for r in records}
     grade = VERIFIERS[resolve_verifier(config.verifier, records)]
-    bar = tqdm(todo, desc="rollout parts", unit="part")
+    bar = progress_bar(todo, desc="rollout parts", unit="part")
     throughput = TokenRate()
     for part in bar:
         idx = keep[part * config.part_size : (part + 1) * config.part_size]
@@ -371,7 +358,7 @@ def run_scoring(config, log=print) -> Path:
     log(f"stage 1 scoring: {len(todo)} parts to score with {teacher_id.short()} ({config.scoring_backend})")
     score, close = make_scorer(config, log, served) if todo else (None, lambda: None)
     try:
-        bar = tqdm(todo, desc="scoring parts", unit="part")
+        bar = progress_bar(todo, desc="scoring parts", unit="part")
         throughput = TokenRate()
         for part in bar:
             rows = read_part(rollouts_root, part).to_pylist()

@@ -38,6 +38,7 @@ import torch
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
 from lightning_opd.logprobs import text_config
+from lightning_opd.progress import progress_bar
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -296,11 +297,13 @@ class TransformersSampler:
         device: str | torch.device | None = None,
         *,
         max_context: int | None = None,
+        progress: str = "",
     ):
         import transformers
 
         self.version = transformers.__version__
         self.config = config
+        self.progress = progress  # a bar's label over the sequences of one sample() call ("" = none)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -316,9 +319,12 @@ class TransformersSampler:
         seed = self.config.seed if seed is None else seed
         requests = plan_requests(prompt_ids, prompt_keys, self.config, self.vocab_size, self.max_context)
         rollouts: list[Rollout] = []
+        bar = progress_bar(total=len(requests), desc=self.progress, unit="seq", enabled=bool(self.progress))
         for start in range(0, len(requests), self.config.batch_size):
             batch = requests[start : start + self.config.batch_size]
             rollouts.extend(self._sample_batch(prompt_ids, prompt_keys, batch, seed))
+            bar.update(len(batch))
+        bar.close()
         return rollouts
 
     def _sample_batch(

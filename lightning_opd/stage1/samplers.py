@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning_opd.errors import ConfigError
 from lightning_opd.modeling import load_causal_lm
+from lightning_opd.progress import shown
 from lightning_opd.stage1.rollout import Sampler, SamplingConfig, TransformersSampler
 
 
@@ -43,23 +44,29 @@ def make_sampler(
     *,
     tokenizer=None,
     engine: Any = None,
+    progress: str = "",
 ) -> Sampler:
     """A sampler for a model directory (or an already loaded transformers model plus ``tokenizer``).
 
     ``engine`` is a ``lightning_opd.stage1.vllm_backend.VLLMEngineConfig`` for the vLLM backend (vLLM picks
     its own device; ``device`` is for transformers). The vLLM engine starts worker processes: a
-    script that uses it needs the ``if __name__ == "__main__":`` guard.
+    script that uses it needs the ``if __name__ == "__main__":`` guard. ``progress``: a bar's label
+    for long generations (eval, SFT's teacher answers); empty = no bar.
     """
     is_dir = isinstance(model_dir_or_model, (str, Path))
     backend = resolve_backend(config.backend, is_dir)
     if backend == "vllm":
         from lightning_opd.stage1.vllm_backend import VLLMSampler  # imports vllm: only when asked for
 
-        return VLLMSampler(model_dir_or_model, config, engine=engine)
+        return VLLMSampler(model_dir_or_model, config, engine=engine, progress=bool(progress) and shown())
     if is_dir:
         model, loaded_tokenizer = load_causal_lm(model_dir_or_model, dtype=config.dtype, device=device)
-        return TransformersSampler(model, tokenizer or loaded_tokenizer, config, model.device)
+        return TransformersSampler(
+            model, tokenizer or loaded_tokenizer, config, model.device, progress=progress
+        )
     if tokenizer is None:
         raise ConfigError("make_sampler was given a model object without its tokenizer; pass tokenizer=...")
     # "auto" keeps a loaded model where the caller put it.
-    return TransformersSampler(model_dir_or_model, tokenizer, config, None if device == "auto" else device)
+    return TransformersSampler(
+        model_dir_or_model, tokenizer, config, None if device == "auto" else device, progress=progress
+    )

@@ -24,6 +24,7 @@ from lightning_opd.packing import ATTN_IMPLEMENTATIONS
 from lightning_opd.scale import ScaleFlags
 from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
 from lightning_opd.stage2.objectives import OBJECTIVES, Objective, make_objective
+from lightning_opd.tracking import check_report_to
 from lightning_opd.verifiers import check_verifier
 
 # objective name -> {objective option: flag}; the Composite options (ref_kl_coef, gold_nll_coef,
@@ -58,7 +59,7 @@ COMPOSITE_FLAGS = ("ref_kl_coef", "gold_nll_coef", "ref_kl_estimator")
 
 # Fields that may change between a run and its resume without making it another run.
 RESUMABLE_FIELDS = frozenset(
-    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints"}
+    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints", "report_to"}
 )
 
 
@@ -191,6 +192,7 @@ class TrainingFlags(ScaleFlags):
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1
+    report_to: str = "none"
     resume: str = _help("auto (latest checkpoint in --out) | never | a checkpoint dir", "auto")
     overwrite: bool = False
 
@@ -223,6 +225,7 @@ class TrainingFlags(ScaleFlags):
             self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: got {self.mixed_precision!r}"
         )
         check_verifier(self.verifier)
+        check_report_to(self.report_to)
         check(self.ref_kl_coef >= 0, f"ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         check(self.gold_nll_coef >= 0, f"gold_nll_coef must be >= 0, got {self.gold_nll_coef}")
         self.check_scale_flags()

@@ -19,6 +19,7 @@ from lightning_opd.prompts import load_prompts
 from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.scale import resolve_save_dtype, save_student
 from lightning_opd.stage2.batch import StudentScorer
+from lightning_opd.tracking import RunTracker
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -172,10 +173,11 @@ def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
 
 
 class MetricsLog:
-    """One JSON object per step in ``metrics.jsonl``, appended and flushed (a crash loses nothing logged)."""
+    """One JSON object per step in ``metrics.jsonl``, appended and flushed (a crash loses nothing logged);
+    a copy of each row's numbers goes to the run's experiment trackers (``tracker``, --report-to)."""
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, truncate_after_step: int | None = None, tracker: RunTracker | None = None):
+        self.path, self.tracker = path, tracker
         if truncate_after_step is not None and path.exists():
             # On resume, drop lines past the checkpoint so the file reads as one uninterrupted run.
             kept = [
@@ -187,9 +189,13 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # strict JSON: NaN -> null
         self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     def close(self) -> None:
         self.file.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
 
 def format_status(row: dict) -> str:

@@ -93,6 +93,13 @@ def _filter_shard(
     return (pa.Table.from_batches(kept) if kept else store.schema.empty_table()), dropped
 
 
+def finish_reasons_from_flags(values: list[str] | None) -> tuple[str, ...]:
+    """``--finish-reasons stop length`` and ``--finish-reasons stop,length`` alike; none given: all."""
+    if not values:
+        return fmt.FINISH_REASONS
+    return tuple(r for value in values for r in value.split(",") if r)
+
+
 def filter_store(
     src: str | Path,
     dst: str | Path,

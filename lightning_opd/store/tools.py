@@ -5,6 +5,7 @@
 - ``compact``: a new store with 16-bit log-probs (format 1.2);
 - ``export``: a Hugging Face datasets directory, or plain Parquet + manifest + README;
 - ``diff``: what differs between two stores' manifests;
+- ``card``: the dataset card (README.md) that makes a store a Hugging Face dataset;
 - ``histogram``: token-level distributions (notebooks, ``lopd store plot``);
 - ``derive``: what the tools that write derived stores share (output checks, sources, lineage).
 
@@ -13,6 +14,7 @@ The rules for derived stores' identity, lineage and merging are part of the form
 names for ``from lightning_opd.store import tools``.
 """
 
+from lightning_opd.store.card import card_text, write_card
 from lightning_opd.store.compact import compact_header, compact_store
 from lightning_opd.store.derive import (
     check_output_dir,
@@ -23,7 +25,7 @@ from lightning_opd.store.derive import (
 )
 from lightning_opd.store.diff import DIFF_SECTIONS, DiffRow, diff_manifests, diff_stores, format_diff
 from lightning_opd.store.export import EXPORT_FORMATS, export_hf, export_parquet, export_readme
-from lightning_opd.store.filter import FilterSpec, filter_header, filter_store
+from lightning_opd.store.filter import FilterSpec, filter_header, filter_store, finish_reasons_from_flags
 from lightning_opd.store.histogram import DEFAULT_LOGRATIO_EDGES, Histogram, logratio_histogram
 from lightning_opd.store.merge import merge_plan, merge_problems, merge_stores
 from storage_schemas.logprob_store_v1 import (
@@ -34,6 +36,7 @@ from storage_schemas.logprob_store_v1 import (
 )
 
 __all__ = [
+    "finish_reasons_from_flags",
     "DERIVED_HASH_PREFIX",
     "DEFAULT_LOGRATIO_EDGES",
     "DIFF_SECTIONS",
@@ -44,6 +47,7 @@ __all__ = [
     "DiffRow",
     "FilterSpec",
     "Histogram",
+    "card_text",
     "check_output_dir",
     "compact_header",
     "compact_store",
@@ -63,4 +67,5 @@ __all__ = [
     "merge_stores",
     "read_checked_shard",
     "source_record",
+    "write_card",
 ]

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightning_opd.errors import StoreError
+from lightning_opd.progress import progress_bar
 from lightning_opd.store.files import sha256_file
 from lightning_opd.store.reader import DEFAULT_BATCH_SIZE
 from storage_schemas import logprob_store_v1 as fmt
@@ -208,10 +209,16 @@ def verify_store(root: str | Path, *, deep: bool = True) -> VerifyReport:
     report.counts["shards_listed"] = len(manifest.shards)
     if not manifest.shards:
         report.problems.append("the manifest lists no shards")
+    # Hashing and scanning a large store takes minutes: a bar in bytes (rate and ETA; stderr only).
+    bar = progress_bar(
+        total=sum(max(0, s.bytes) for s in manifest.shards), desc="verify", unit="B", unit_scale=True
+    )
     for entry in sorted(manifest.shards, key=lambda s: s.part):
         problems = _check_shard(root, entry, manifest, report, deep)
         report.problems += problems
         report.counts["shards_ok"] += not problems
+        bar.update(max(0, entry.bytes))
+    bar.close()
     if deep and report.counts["shards_ok"] == len(manifest.shards) and manifest.shards:
         report.problems += _stats_problems(manifest.stats, report)
     _check_stray_files(root, manifest, report)

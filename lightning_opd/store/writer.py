@@ -9,7 +9,8 @@ Work is split into numbered parts (fixed chunks of the prompt set). Each part be
 
 A rerun skips parts whose marker matches the file's checksum. ``finalize`` (run once, after every
 worker) checks that all parts are committed and writes ``manifest.json``; only then is a shard part
-of the store, because readers trust only the manifest.
+of the store, because readers trust only the manifest. It then writes the dataset card
+``README.md`` (``lightning_opd.store.card``), so the store also loads as a Hugging Face dataset.
 
 Concurrency: a per-part ``flock`` while a part is written (a second writer of the same part fails
 at once), a shared store lock held by writers and an exclusive one by finalize, so finalize never
@@ -35,6 +36,7 @@ from lightning_opd import diagnostics
 from lightning_opd.config import to_dict, write_json_atomic
 from lightning_opd.errors import StoreError
 from lightning_opd.store.arrow import conform_table, rows_to_table
+from lightning_opd.store.card import write_card
 from lightning_opd.store.files import file_lock, fsync_dir, read_json, sha256_file
 from lightning_opd.store.reader import load_manifest, read_saved_header
 from storage_schemas import logprob_store_v1 as fmt
@@ -246,6 +248,21 @@ class StoreWriter:
     def read_num_parts(root: str | Path) -> int:
         return int(read_saved_header(root)["num_parts"])
 
+    @classmethod
+    def reopen(cls, root: str | Path) -> StoreWriter:
+        """A writer for a store that workers started, from its saved header (e.g. to finalize it)."""
+        saved = read_saved_header(root)
+        columns = saved["columns"]
+        return cls(
+            root,
+            saved["header"],
+            num_parts=saved["num_parts"],
+            topk=fmt.topk_of(saved["header"]),
+            with_text=fmt.TEXT_COLUMN in columns,
+            with_reward=fmt.REWARD_COLUMN in columns,
+            with_sampling=fmt.SAMPLING_COLUMN in columns,
+        )
+
     # -- state ------------------------------------------------------------------------------
     def is_finalized(self) -> bool:
         """True once ``finalize`` has written the manifest (the store is then read-only)."""
@@ -409,7 +426,19 @@ class StoreWriter:
             manifest.validate()
             write_json_atomic(self.root / fmt.MANIFEST_FILE, manifest.to_dict())
             fsync_dir(self.root)
+            self._write_card(manifest)
             return manifest
+
+    def _write_card(self, manifest: fmt.Manifest) -> None:
+        # The dataset card (README.md) is a convenience derived from the manifest: failing to write it
+        # must not fail a store whose manifest is committed.
+        try:
+            write_card(self.root, manifest)
+        except OSError as e:
+            warnings.warn(
+                f"could not write the dataset card of {self.root} ({e}); run `lopd store card {self.root}`",
+                stacklevel=3,
+            )
 
     def _missing_message(self, missing: list[int], num_shards: int | None) -> str:
         message = (
