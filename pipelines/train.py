@@ -76,10 +76,13 @@ class TrainConfig(TrainingFlags):
         },
     )
     drift_max_passes: float = field(
-        default=1.0, metadata={"help": "warn when the store is reused beyond this many passes"}
+        default=2.0, metadata={"help": "warn when the store is reused beyond this many passes"}
     )
     drift_max_kl: float = field(
-        default=0.01, metadata={"help": "warn when KL(student || store policy) per token exceeds this"}
+        default=0.015,
+        metadata={
+            "help": "warn when KL(student || store policy) per token, mean of the last 10 steps, exceeds this"
+        },
     )
     shuffle_buffer: int = 4096
     finish_reasons: str = field(default="stop,length", metadata={"help": "keep rollouts that ended this way"})

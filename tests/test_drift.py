@@ -151,7 +151,7 @@ def test_trust_region_flags_reach_the_objective():
 
 def test_drift_watch_warns_once_per_cause_and_says_what_to_do():
     lines = []
-    watch = DriftWatch(max_passes=1.0, max_kl=0.05, trust_region=0.0)
+    watch = DriftWatch(max_passes=1.0, max_kl=0.05, trust_region=0.0, window=1)
     watch.check({"step": 3, "passes": 0.9, "drift_kl": 0.01, "drift_ess": 0.9}, lines.append)
     assert lines == []
     watch.check({"step": 4, "passes": 1.2, "drift_kl": 0.2, "drift_ess": 0.3}, lines.append)
@@ -182,6 +182,8 @@ def test_trainer_logs_drift_and_passes_and_warns(micro_store, sft_student_dir, t
         "1e-2",
         "--warmup-steps",
         2,
+        "--drift-max-passes",
+        1,
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # 10 stored rollouts, 4 per step: passes 0.4, 0.8, 1.2, 1.6.
@@ -211,3 +213,21 @@ def test_run_plots_include_drift_when_logged(tmp_path):
         warnings.simplefilter("error")
         paths = plots.run_figures([run], tmp_path / "png")
     assert paths["drift"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drift_watch_reads_a_trend_not_one_noisy_step():
+    """Issue 22: the default run's single-step blips (0.0109 on the toy) do not warn; a sustained
+    drift above the threshold does, with the window's mean; the defaults reuse a store twice."""
+    lines = []
+    watch = DriftWatch(trust_region=0.2)
+    assert (watch.max_passes, watch.max_kl, watch.window) == (2.0, 0.015, 10)
+    for step, kl in enumerate([0.006] * 9 + [0.03] + [0.006] * 10, start=1):  # one blip in twenty
+        watch.check(
+            {"step": step, "passes": step * 64 / 4096, "drift_kl": kl, "drift_ess": 0.99}, lines.append
+        )
+    assert lines == []
+    for step in range(21, 31):
+        watch.check({"step": step, "passes": 1.56, "drift_kl": 0.02, "drift_ess": 0.98}, lines.append)
+    assert len(lines) == 1 and "over the last 10 steps" in lines[0] and "step 27" in lines[0]
+    watch.check({"step": 31, "passes": 2.01, "drift_kl": 0.02, "drift_ess": 0.98}, lines.append)
+    assert "pass 2.01" in lines[-1]

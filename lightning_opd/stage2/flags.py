@@ -59,8 +59,9 @@ COMPOSITE_FLAGS = ("ref_kl_coef", "gold_nll_coef", "ref_kl_estimator")
 
 # Fields that may change between a run and its resume without making it another run.
 RESUMABLE_FIELDS = frozenset(
-    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints", "report_to"}
-)
+    {"steps", "eval_every", "save_every", "log_every", "resume", "overwrite", "keep_checkpoints", "report_to",
+     "drift_max_passes", "drift_max_kl"}  # the drift thresholds only decide warnings
+)  # fmt: skip
 
 
 def objective_from_flags(flags, *, on_policy_ref_kl: bool = False) -> Objective:
