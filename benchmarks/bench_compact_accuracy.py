@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from lightning_opd.prompts import load_prompts
-from lightning_opd.stats import mean_ci
+from lightning_opd.reporting.stats import mean_ci
 from lightning_opd.store import tools
 from pipelines import demo
 

@@ -115,7 +115,7 @@ def main() -> None:
         ("offline step (update only)", off),
     ):
         print(f"{name:<34}{seconds:>10.3f}{seconds / off:>16.2f}")
-    from lightning_opd.plots import write_benchmark
+    from lightning_opd.reporting.plots import write_benchmark
 
     phases = {
         "sampling": sample,

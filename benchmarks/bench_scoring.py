@@ -199,7 +199,7 @@ def main() -> None:
     for row in rows:
         naive, ours = row["naive"] / 2**20, row["ours"] / 2**20
         print(f"{row['vocab']:8d} {naive:10.1f} {ours:10.1f} {naive / max(ours, 1e-9):10.1f}x")
-    from lightning_opd.plots import write_benchmark
+    from lightning_opd.reporting.plots import write_benchmark
 
     write_benchmark(
         args.out,

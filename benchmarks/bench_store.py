@@ -195,7 +195,7 @@ def main() -> None:
     sizes, breakdown = bench_sizes(args.tokens, args.seed)
     for label, name, per_token in sizes:
         print(f"{label:<15} {name:<36} {per_token:>8.2f}")
-    from lightning_opd.plots import write_benchmark
+    from lightning_opd.reporting.plots import write_benchmark
 
     by_signal: dict[str, dict] = {}
     for label, name, per_token in sizes:

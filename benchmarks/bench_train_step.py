@@ -211,7 +211,7 @@ def main() -> None:
                 f"   {name:<28}{n_tokens:>10}{elapsed:>10.2f}{n_tokens / base[0]:>10.2f}{elapsed / base[1]:>8.2f}"
             )
         print(f"   ({steps} steps of {args.rows} rollouts; POPD ratios depend on the schedule constants)")
-    from lightning_opd.plots import write_benchmark
+    from lightning_opd.reporting.plots import write_benchmark
 
     write_benchmark(
         args.out,

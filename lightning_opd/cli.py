@@ -47,11 +47,15 @@ JOBS = {
     ),
     "demo": ("pipelines.demo", "DemoConfig", "the whole pipeline on the embedded toy task"),
     "real-model": (
-        "lightning_opd.real_model",
+        "lightning_opd.models.real_model",
         "RealModelConfig",
         "convert the PyPI Gemma-3-270M GGUF into a model directory (cached), and a tiny student for it",
     ),
-    "plot-runs": ("lightning_opd.plots", "RunPlotsConfig", "PNG figures of one or more training runs"),
+    "plot-runs": (
+        "lightning_opd.reporting.plots",
+        "RunPlotsConfig",
+        "PNG figures of one or more training runs",
+    ),
 }
 
 

@@ -186,7 +186,7 @@ def lora_adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def resolve_save_dtype(save_dtype: str, student_dir: str | Path) -> torch.dtype:
     """``--save-dtype``; ``auto`` is the dtype the student checkpoint was saved in (fp32 if unstated)."""
-    from lightning_opd.modeling import DTYPES
+    from lightning_opd.models.loading import DTYPES
 
     if save_dtype != "auto":
         return DTYPES[save_dtype]

@@ -7,7 +7,7 @@
     lopd compare --toy --seeds 3 --out runs/compare --readme docs/RESULTS.md   # the findings with seeds
 
 With ``--seeds N`` every method runs under seeds seed..seed+N-1 and the table reports mean ± 95% CI
-and the papers' findings as paired per-seed differences (``lightning_opd.findings``); with ``--toy``
+and the papers' findings as paired per-seed differences (``lightning_opd.reporting.findings``); with ``--toy``
 each seed also rebuilds the embedded toy (prompts, SFT student, store) the way ``lopd demo`` does, so
 the spread covers the whole pipeline. ``--readme`` regenerates the findings table of docs/RESULTS.md.
 
@@ -26,9 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir
-from lightning_opd.findings import findings_markdown, method_grid, methods_markdown, replace_between_markers
 from lightning_opd.prompts import load_prompts
-from lightning_opd.reporting import (
+from lightning_opd.reporting.findings import (
+    findings_markdown,
+    method_grid,
+    methods_markdown,
+    replace_between_markers,
+)
+from lightning_opd.reporting.tables import (
     format_compare_table,
     plot_compare,
     stage_one_seconds_from_files,

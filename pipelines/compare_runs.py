@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from lightning_opd.config import check, to_dict, write_json_atomic
 from lightning_opd.errors import LopdError
-from lightning_opd.modeling import load_causal_lm
-from lightning_opd.reporting import median_step_seconds, stage_one_seconds_from_files
+from lightning_opd.models.loading import load_causal_lm
+from lightning_opd.reporting.tables import median_step_seconds, stage_one_seconds_from_files
 from lightning_opd.stage2.online import evaluate_greedy
 from lightning_opd.store import open_store
 from pipelines import precompute, train, train_online

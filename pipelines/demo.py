@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir, write_json_atomic
-from lightning_opd.evaluation import evaluate_model
-from lightning_opd.modeling import load_causal_lm
+from lightning_opd.evaluation.accuracy import evaluate_model
+from lightning_opd.models.loading import load_causal_lm
 from lightning_opd.prompts import load_prompts
-from lightning_opd.reporting import format_results, summarize
+from lightning_opd.reporting.tables import format_results, summarize
 from lightning_opd.toy.models import MICRO_SPEC, STUDENT_SPEC, TEACHER_SPEC
 from lightning_opd.toy.teacher import (
     ToyTeacherRecipe,

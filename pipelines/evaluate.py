@@ -11,11 +11,16 @@ from pathlib import Path
 
 from lightning_opd.config import check, check_writable_file, parse_number_list, write_json_atomic
 from lightning_opd.errors import ConfigError
-from lightning_opd.evaluation import EvalResult, evaluate_model, format_table
-from lightning_opd.modeling import check_device_and_dtype, check_model_dir, load_causal_lm, load_tokenizer
+from lightning_opd.evaluation.accuracy import EvalResult, evaluate_model, format_table
+from lightning_opd.evaluation.verifiers import check_verifier
+from lightning_opd.models.loading import (
+    check_device_and_dtype,
+    check_model_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
 from lightning_opd.prompts import check_chat_template_mode, load_prompts
 from lightning_opd.stage1.samplers import resolve_backend
-from lightning_opd.verifiers import check_verifier
 
 
 @dataclass

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir
-from lightning_opd.modeling import check_device_and_dtype
+from lightning_opd.evaluation.verifiers import check_verifier
+from lightning_opd.models.loading import check_device_and_dtype
 from lightning_opd.prompts import check_chat_template_mode
 from lightning_opd.stage1.build import (
     ENGINE_FIELDS,
@@ -41,7 +42,6 @@ from lightning_opd.stage1.local import run_local_workers
 from lightning_opd.stage1.served import SERVER_FIELDS, ServerFlags, preflight
 from lightning_opd.store import StoreWriter, open_store
 from lightning_opd.store.files import file_lock
-from lightning_opd.verifiers import check_verifier
 from storage_schemas import logprob_store_v1 as fmt
 from storage_schemas.logprob_store_v1 import (
     LOCKS_DIR,

@@ -17,28 +17,28 @@ from pathlib import Path
 
 from lightning_opd.config import check, prepare_output_dir
 from lightning_opd.errors import InputError
-from lightning_opd.fingerprint import (
+from lightning_opd.evaluation.verifiers import VERIFIERS, resolve_verifier
+from lightning_opd.models.fingerprint import (
     STAGE0_BEHAVIOR_MAX_BYTES,
     local_behavior,
     model_fingerprint,
     tokenizer_fingerprint,
     weight_bytes,
 )
-from lightning_opd.modeling import (
+from lightning_opd.models.loading import (
     check_device_and_dtype,
     check_same_tokenizer,
     load_causal_lm,
     load_tokenizer,
     model_identity,
 )
+from lightning_opd.models.provenance import Provenance, write_provenance
 from lightning_opd.prompts import check_chat_template_mode, encode_prompt, load_prompts
-from lightning_opd.provenance import Provenance, write_provenance
 from lightning_opd.scale import ScaleFlags, prepare_student, resolve_save_dtype, save_student
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, refuse_several_processes, train_sft
 from lightning_opd.stage1.rollout import SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.tracking import RunTracker, check_report_to
-from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 SFT_CONFIG_FILE = "sft_config.json"
 

@@ -245,7 +245,7 @@ def run_register(config: RegisterConfig) -> int:
 
 
 def run_plot(config: PlotConfig) -> int:
-    from lightning_opd.plots import store_figures  # matplotlib/polars only for this command
+    from lightning_opd.reporting.plots import store_figures  # matplotlib/polars only for this command
 
     for path in store_figures(config.store, config.out, bucket=config.bucket).values():
         print(path)

@@ -26,10 +26,10 @@ from pathlib import Path
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from lightning_opd.config import check, parse_number_list, prepare_output_dir
-from lightning_opd.consistency import check_store_for_training
 from lightning_opd.errors import ConfigError, StoreError
-from lightning_opd.fingerprint import model_fingerprint
-from lightning_opd.modeling import load_causal_lm
+from lightning_opd.models.consistency import check_store_for_training
+from lightning_opd.models.fingerprint import model_fingerprint
+from lightning_opd.models.loading import load_causal_lm
 from lightning_opd.packing import resolve_attn_implementation
 from lightning_opd.plan import fit_warning
 from lightning_opd.progress import step_bar

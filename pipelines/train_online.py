@@ -32,9 +32,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from lightning_opd.config import check, prepare_output_dir
-from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError
-from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
+from lightning_opd.models.consistency import teacher_consistency
+from lightning_opd.models.loading import check_same_tokenizer, load_causal_lm, model_identity
 from lightning_opd.packing import resolve_attn_implementation
 from lightning_opd.progress import step_bar
 from lightning_opd.prompts import encode_prompt, load_prompts, prompt_set_hash

@@ -77,9 +77,9 @@ def sft_student_dir(tmp_path_factory, micro_teacher_dir):
     """The micro student with provenance naming the micro teacher as its SFT teacher (as stage 0 writes)."""
     from dataclasses import asdict
 
-    from lightning_opd.fingerprint import model_fingerprint
-    from lightning_opd.modeling import model_identity
-    from lightning_opd.provenance import Provenance, write_provenance
+    from lightning_opd.models.fingerprint import model_fingerprint
+    from lightning_opd.models.loading import model_identity
+    from lightning_opd.models.provenance import Provenance, write_provenance
 
     path = tmp_path_factory.mktemp("sft_student") / "model"
     _save_micro(path, seed=1)

@@ -43,6 +43,7 @@ def test_every_flag_has_help(command, parser):
 
 
 def test_choices_mirror_the_library():
+    from lightning_opd.evaluation.verifiers import VERIFIER_CHOICES
     from lightning_opd.packing import ATTN_IMPLEMENTATIONS
     from lightning_opd.prompts import CHAT_TEMPLATE_MODES
     from lightning_opd.scale import OPTIMIZERS, SAVE_DTYPES
@@ -51,7 +52,6 @@ def test_choices_mirror_the_library():
     from lightning_opd.stage2.horizons import HORIZON_KINDS
     from lightning_opd.stage2.objectives import DIVERGENCES, OBJECTIVES, SAMPLE_REDUCTIONS, TOPK_TAILS
     from lightning_opd.tracking import REPORT_TO
-    from lightning_opd.verifiers import VERIFIER_CHOICES
 
     assert CHOICES["chat_template"] == CHAT_TEMPLATE_MODES
     assert CHOICES["backend"] == BACKENDS and CHOICES["scoring_backend"] == SCORING_BACKENDS

@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import run_lopd as lopd
 
-from lightning_opd.fingerprint import local_behavior, model_fingerprint
+from lightning_opd.models.fingerprint import local_behavior, model_fingerprint
+from lightning_opd.models.provenance import read_provenance
 from lightning_opd.prompts import write_jsonl
-from lightning_opd.provenance import read_provenance
 from lightning_opd.toy.task import sample_problems, to_records
 
 

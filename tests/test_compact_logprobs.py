@@ -23,7 +23,7 @@ from conftest import precompute_config
 from test_store_common import make_header, make_rows, read_table, rewrite_shard, write_store
 
 from lightning_opd.errors import StoreError
-from lightning_opd.fingerprint import model_fingerprint
+from lightning_opd.models.fingerprint import model_fingerprint
 from lightning_opd.store import StoreWriter, open_store, tools
 from lightning_opd.store.summary import summarize_store
 from lightning_opd.store.verify import verify_store

@@ -198,7 +198,7 @@ def test_trainer_logs_drift_and_passes_and_warns(micro_store, sft_student_dir, t
 
 
 def test_run_plots_include_drift_when_logged(tmp_path):
-    from lightning_opd import plots
+    from lightning_opd.reporting import plots
 
     run = tmp_path / "run"
     run.mkdir()

@@ -6,16 +6,16 @@ import warnings
 
 import pytest
 
-from lightning_opd import verifiers
 from lightning_opd.errors import ConfigError
-from lightning_opd.prompts import PromptRecord
-from lightning_opd.verifiers import (
+from lightning_opd.evaluation import verifiers
+from lightning_opd.evaluation.verifiers import (
     VERIFIERS,
     grade_last_number,
     grade_math,
     infer_verifier,
     resolve_verifier,
 )
+from lightning_opd.prompts import PromptRecord
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_no_job_defaults_to_the_toy_verifier():
 def test_eval_with_the_vllm_backend_hands_the_directory_to_the_sampler(
     micro_student_dir, tmp_path, monkeypatch
 ):
-    import lightning_opd.evaluation as evaluation
+    import lightning_opd.evaluation.accuracy as evaluation
     from lightning_opd.prompts import write_jsonl
     from lightning_opd.stage1.rollout import Rollout
     from pipelines import evaluate

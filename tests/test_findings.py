@@ -7,7 +7,7 @@ import math
 import pytest
 from conftest import run_lopd
 
-from lightning_opd.findings import (
+from lightning_opd.reporting.findings import (
     FINDINGS,
     MARKER_END,
     MARKER_START,
@@ -16,7 +16,7 @@ from lightning_opd.findings import (
     judge,
     replace_between_markers,
 )
-from lightning_opd.stats import mean_ci
+from lightning_opd.reporting.stats import mean_ci
 
 
 def test_mean_ci_matches_the_t_interval_by_hand():

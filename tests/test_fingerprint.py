@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import InputError
-from lightning_opd.fingerprint import FULL_HASH_ELEMENTS, model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.fingerprint import FULL_HASH_ELEMENTS, model_fingerprint, tokenizer_fingerprint
 from lightning_opd.toy.models import MICRO_SPEC, ToyModelSpec, build_model
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 

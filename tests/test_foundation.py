@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd.config import prepare_output_dir
 from lightning_opd.errors import InputError, OutputExistsError, TokenizerMismatchError
-from lightning_opd.modeling import check_same_tokenizer, load_causal_lm, model_identity
+from lightning_opd.models.loading import check_same_tokenizer, load_causal_lm, model_identity
+from lightning_opd.models.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.prompts import PromptRecord, encode_prompt, load_prompts, prompt_set_hash, write_jsonl
-from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.stage0.sft import IGNORE_INDEX, SFTExample, collate_sft, response_nll
 
 ROWS = [

@@ -10,8 +10,8 @@ from conftest import run_lopd
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import ConfigError, InputError
+from lightning_opd.models.provenance import read_provenance
 from lightning_opd.prompts import write_jsonl
-from lightning_opd.provenance import read_provenance
 from lightning_opd.stage2.objectives import Composite, TopKDivergence
 from pipelines import train
 from pipelines.compare import METHODS as GRID

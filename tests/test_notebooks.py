@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_opd import plots
 from lightning_opd.errors import InputError
+from lightning_opd.reporting import plots
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -9,9 +9,9 @@ from conftest import run_lopd
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import InputError
-from lightning_opd.fingerprint import model_fingerprint
+from lightning_opd.models.fingerprint import model_fingerprint
+from lightning_opd.models.provenance import read_provenance
 from lightning_opd.prompts import PromptRecord
-from lightning_opd.provenance import read_provenance
 from lightning_opd.stage2 import online
 from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.stage2.gold import GoldSolutions, with_gold

@@ -2,7 +2,7 @@
 
 import csv
 
-from lightning_opd.plots import write_benchmark
+from lightning_opd.reporting.plots import write_benchmark
 
 
 def test_write_benchmark_bar_and_line(tmp_path):

@@ -62,7 +62,7 @@ def write_prompt_sets(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def gemma_dir():
-    from lightning_opd.real_model import ensure_gemma
+    from lightning_opd.models.real_model import ensure_gemma
 
     return ensure_gemma()  # the shared cache: converted once per checkout, reused by every later run
 
@@ -116,7 +116,7 @@ def read_rows(store: Path) -> list[dict]:
 def test_conversion_is_a_working_gemma(gemma_dir):
     from transformers import AutoModelForCausalLM
 
-    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.models.loading import load_tokenizer
 
     config = json.loads((gemma_dir / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262_144
@@ -149,7 +149,7 @@ def test_real_model_without_packages_says_what_to_install(tmp_path):
 
 
 def test_student_init_shares_gemmas_tokenizer(gemma_dir, student_init):
-    from lightning_opd.modeling import model_identity
+    from lightning_opd.models.loading import model_identity
 
     config = json.loads((student_init / "config.json").read_text())
     assert config["vocab_size"] == 262_144 and config["num_hidden_layers"] == 2
@@ -161,7 +161,7 @@ def test_student_init_shares_gemmas_tokenizer(gemma_dir, student_init):
 
 
 def test_sft_used_gemma_the_template_and_the_math_verifier(sft_dir, gemma_dir):
-    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.models.loading import load_tokenizer
 
     provenance = json.loads((sft_dir / "lopd_provenance.json").read_text())
     assert provenance["config"]["verifier"] == "math" and provenance["config"]["chat_template"] == "always"
@@ -180,7 +180,7 @@ def test_sft_used_gemma_the_template_and_the_math_verifier(sft_dir, gemma_dir):
 
 
 def test_store_verifies_and_holds_the_real_vocabulary(store_dir, gemma_dir):
-    from lightning_opd.modeling import model_identity
+    from lightning_opd.models.loading import model_identity
 
     assert run_lopd("store", "verify", store_dir).returncode == 0
     manifest = json.loads((store_dir / "manifest.json").read_text())

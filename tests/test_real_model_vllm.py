@@ -23,7 +23,7 @@ pytest.importorskip("vllm")
 
 @pytest.fixture(scope="module")
 def gemma_dir():
-    from lightning_opd.real_model import ensure_gemma
+    from lightning_opd.models.real_model import ensure_gemma
 
     return ensure_gemma()
 
@@ -49,7 +49,7 @@ def vllm_store(gemma_dir, tmp_path_factory):
 
 
 def test_vllm_store_verifies(vllm_store, gemma_dir):
-    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.models.loading import load_tokenizer
 
     assert run_lopd("store", "verify", vllm_store).returncode == 0
     manifest = json.loads((vllm_store / "manifest.json").read_text())

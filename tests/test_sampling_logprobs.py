@@ -142,7 +142,7 @@ def test_precomputed_store_carries_the_column_into_training(micro_store, micro_s
     assert store.manifest.sampling["temperature"] == 1.0 and store.manifest.sampling["top_p"] < 1
     for r in rows:
         assert (np.asarray(r[COLUMN]) >= np.asarray(r["behavior_logprobs"]) - 1e-6).all()
-    from lightning_opd.modeling import load_causal_lm
+    from lightning_opd.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(micro_student_dir, dtype="float32", device="cpu")
     batch = collate(rows, 8, tokenizer.pad_token_id, 3)

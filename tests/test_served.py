@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_opd.errors import ConfigError, TeacherServerError
-from lightning_opd.fingerprint import (
+from lightning_opd.models.fingerprint import (
     BEHAVIOR_TOLERANCE,
     behavior_distance,
     behavior_fingerprint,
@@ -219,11 +219,11 @@ def test_the_gate_compares_a_served_behaviour_with_the_sft_teacher_s(
 ):
     from dataclasses import asdict
 
-    from lightning_opd.consistency import behavior_consistency
     from lightning_opd.errors import TeacherConsistencyError
-    from lightning_opd.fingerprint import local_behavior, model_fingerprint
-    from lightning_opd.modeling import model_identity
-    from lightning_opd.provenance import Provenance, write_provenance
+    from lightning_opd.models.consistency import behavior_consistency
+    from lightning_opd.models.fingerprint import local_behavior, model_fingerprint
+    from lightning_opd.models.loading import model_identity
+    from lightning_opd.models.provenance import Provenance, write_provenance
 
     teacher, other = local_behavior(micro_teacher_dir), local_behavior(micro_student_dir)
     # No record in this provenance: computed from the SFT teacher's weights at the provenance's path.

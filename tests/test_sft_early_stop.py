@@ -9,8 +9,8 @@ from conftest import run_lopd as lopd
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import ConfigError
+from lightning_opd.models.provenance import read_provenance
 from lightning_opd.prompts import write_jsonl
-from lightning_opd.provenance import read_provenance
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, teacher_forced_match, train_sft
 from lightning_opd.toy.task import sample_problems, to_records
 

@@ -11,7 +11,7 @@ from conftest import precompute_config, run_lopd
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import StoreError, TeacherConsistencyError, TokenizerMismatchError
-from lightning_opd.fingerprint import model_fingerprint
+from lightning_opd.models.fingerprint import model_fingerprint
 from lightning_opd.stage1 import build
 from lightning_opd.store import open_store, verify_store
 from pipelines import precompute

@@ -10,8 +10,8 @@ from conftest import precompute_config, run_lopd
 from transformers import AutoModelForCausalLM
 
 from lightning_opd.errors import ConfigError, StoreError, TeacherConsistencyError, TrainingError
-from lightning_opd.fingerprint import model_fingerprint
-from lightning_opd.provenance import read_provenance
+from lightning_opd.models.fingerprint import model_fingerprint
+from lightning_opd.models.provenance import read_provenance
 from lightning_opd.stage2 import step
 from lightning_opd.stage2.batch import collate, student_token_batch
 from lightning_opd.store import open_store

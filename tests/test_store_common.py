@@ -1,5 +1,5 @@
 """Shared synthetic-store helpers for the tests/test_store_*.py files, and tests of the format module
-(storage_schemas.logprob_store_v1) and of lightning_opd.diagnostics.
+(storage_schemas.logprob_store_v1) and of lightning_opd.evaluation.diagnostics.
 
 Other store test files import the helpers with ``from test_store_common import ...``.
 """
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_opd import diagnostics
 from lightning_opd.errors import ConfigError, StoreError, StoreVersionError
+from lightning_opd.evaluation import diagnostics
 from lightning_opd.store.reader import open_store
 from lightning_opd.store.writer import StoreWriter
 from storage_schemas import logprob_store_v1 as fmt

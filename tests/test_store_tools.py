@@ -12,8 +12,8 @@ import pytest
 from conftest import run_lopd
 from test_store_common import make_header, read_table, write_store
 
-from lightning_opd import diagnostics
 from lightning_opd.errors import StoreError
+from lightning_opd.evaluation import diagnostics
 from lightning_opd.store import registry, tools
 from lightning_opd.store.reader import open_store
 from lightning_opd.store.summary import position_stats

@@ -123,7 +123,7 @@ def test_numeric_metrics_skip_text_and_nonfinite_values():
 
 def test_sft_reports_its_metrics_rows_to_tensorboard(micro_student_dir, tmp_path):
     pytest.importorskip("tensorboard")
-    from lightning_opd.modeling import load_causal_lm
+    from lightning_opd.models.loading import load_causal_lm
     from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
 
     model, tokenizer = load_causal_lm(micro_student_dir, dtype="float32", device="cpu")

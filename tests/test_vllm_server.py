@@ -34,9 +34,9 @@ from lightning_opd.errors import (
     TeacherServerError,
     TokenizerMismatchError,
 )
-from lightning_opd.fingerprint import local_behavior
-from lightning_opd.modeling import model_identity
-from lightning_opd.provenance import Provenance, write_provenance
+from lightning_opd.models.fingerprint import local_behavior
+from lightning_opd.models.loading import model_identity
+from lightning_opd.models.provenance import Provenance, write_provenance
 from lightning_opd.scoring import score_sequences
 from lightning_opd.toy.tokenizer import build_char_tokenizer
 

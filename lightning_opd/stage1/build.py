@@ -13,9 +13,10 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lightning_opd.consistency import teacher_consistency
 from lightning_opd.errors import ConfigError, InputError, StoreError
-from lightning_opd.modeling import (
+from lightning_opd.evaluation.verifiers import VERIFIERS, resolve_verifier
+from lightning_opd.models.consistency import teacher_consistency
+from lightning_opd.models.loading import (
     check_same_tokenizer,
     load_causal_lm,
     load_config,
@@ -32,7 +33,6 @@ from lightning_opd.stage1.samplers import make_sampler
 from lightning_opd.store import StoreWriter
 from lightning_opd.store.reader import read_part, read_saved_header
 from lightning_opd.store.registry import check_not_duplicate, register
-from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 from storage_schemas.logprob_store_v1 import (
     SAMPLING_COLUMN,
     SCORING_ENGINE_KEY,
@@ -242,7 +242,7 @@ def run_rollouts(config, log=print) -> Path:
         "topk": None,
         "extra": {},
     }
-    from lightning_opd.provenance import read_provenance
+    from lightning_opd.models.provenance import read_provenance
 
     provenance = read_provenance(config.student)
     if provenance and provenance.sft_teacher:
@@ -295,7 +295,7 @@ def run_scoring(config, log=print) -> Path:
     student = rollout_header["student"]
     served = None
     if config.scoring_backend == "server":  # checked, and known by its behaviour (stage1/served.py)
-        from lightning_opd.consistency import served_identity
+        from lightning_opd.models.consistency import served_identity
         from lightning_opd.stage1.served import SERVED_TEACHER_KEY, connect
 
         served = connect(config, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_opd.errors import ConfigError
-from lightning_opd.modeling import load_causal_lm
+from lightning_opd.models.loading import load_causal_lm
 from lightning_opd.progress import shown
 from lightning_opd.stage1.rollout import Sampler, SamplingConfig, TransformersSampler
 

@@ -321,8 +321,8 @@ class ServedTeacher:
 
 def connect(config, log=print) -> ServedTeacher:
     """Check the server against ``config.teacher`` (tokenizer, top-k cap) and take its behaviour record."""
-    from lightning_opd.fingerprint import PROBE_TEXT, behavior_record, probe_ids
-    from lightning_opd.modeling import check_model_dir, load_tokenizer
+    from lightning_opd.models.fingerprint import PROBE_TEXT, behavior_record, probe_ids
+    from lightning_opd.models.loading import check_model_dir, load_tokenizer
 
     check_model_dir(config.teacher)
     tokenizer = load_tokenizer(config.teacher)
@@ -346,6 +346,6 @@ def connect(config, log=print) -> ServedTeacher:
 def preflight(config, student_path: str, log=print) -> None:
     """``lopd precompute``: every check of a served teacher before the rollouts (no-op otherwise)."""
     if config.scoring_backend == "server":
-        from lightning_opd.consistency import served_identity
+        from lightning_opd.models.consistency import served_identity
 
         served_identity(config, connect(config, log), student_path, log)

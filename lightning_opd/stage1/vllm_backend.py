@@ -155,7 +155,7 @@ def running_settings(llm) -> dict[str, Any]:
 
 
 def _check_model_dir(model_dir: str | Path) -> str:
-    from lightning_opd.modeling import check_model_dir
+    from lightning_opd.models.loading import check_model_dir
 
     return str(Path(check_model_dir(model_dir)).resolve())
 
@@ -206,7 +206,7 @@ class VLLMSampler:
         engine: VLLMEngineConfig | None = None,
         progress: bool = False,
     ):
-        from lightning_opd.modeling import load_tokenizer
+        from lightning_opd.models.loading import load_tokenizer
 
         self.config = config
         self.model_dir = _check_model_dir(model_dir)

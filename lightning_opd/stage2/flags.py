@@ -20,12 +20,12 @@ from typing import ClassVar
 
 from lightning_opd.config import check, field_defaults, to_dict
 from lightning_opd.errors import ConfigError
+from lightning_opd.evaluation.verifiers import check_verifier
 from lightning_opd.packing import ATTN_IMPLEMENTATIONS
 from lightning_opd.scale import ScaleFlags
 from lightning_opd.stage2.horizons import HorizonConfig, horizon_from_flags
 from lightning_opd.stage2.objectives import OBJECTIVES, Objective, make_objective
 from lightning_opd.tracking import check_report_to
-from lightning_opd.verifiers import check_verifier
 
 # objective name -> {objective option: flag}; the Composite options (ref_kl_coef, gold_nll_coef,
 # ref_kl_estimator) apply to every objective and are passed separately.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from lightning_opd.evaluation import evaluate_model
+from lightning_opd.evaluation.accuracy import evaluate_model
 from lightning_opd.prompts import load_prompts, prompt_set_hash
 from lightning_opd.stage2 import runs
 from lightning_opd.stage2.horizons import horizon_at

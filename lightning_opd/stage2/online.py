@@ -24,15 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_opd import diagnostics
 from lightning_opd.config import check
 from lightning_opd.errors import InputError
+from lightning_opd.evaluation import diagnostics
+from lightning_opd.evaluation.verifiers import VERIFIERS, resolve_verifier
 from lightning_opd.prompts import PromptRecord, encode_prompt
 from lightning_opd.scoring import score_sequences
 from lightning_opd.stage1.rollout import Rollout, SamplingConfig, TransformersSampler
 from lightning_opd.stage2.runs import format_status, timer
 from lightning_opd.stage2.step import UpdateInputs, accumulate_gradients, apply_update
-from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 # ----------------------------------------------------------------------------------------------
 # Which prompts a step uses

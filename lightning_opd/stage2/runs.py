@@ -14,9 +14,9 @@ import torch
 
 from lightning_opd.config import json_safe, write_json_atomic
 from lightning_opd.errors import TrainingError
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.prompts import load_prompts
-from lightning_opd.provenance import Provenance, read_provenance, write_provenance
 from lightning_opd.scale import resolve_save_dtype, save_student
 from lightning_opd.stage2.batch import StudentScorer
 from lightning_opd.tracking import RunTracker

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightning_opd import diagnostics
 from lightning_opd.config import check, to_dict
 from lightning_opd.errors import StoreError, TrainingError
+from lightning_opd.evaluation import diagnostics
 from lightning_opd.store.reader import LogprobStore, batch_to_rows, open_store
 from storage_schemas import logprob_store_v1 as fmt
 

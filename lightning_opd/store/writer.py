@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import lightning_opd
-from lightning_opd import diagnostics
 from lightning_opd.config import to_dict, write_json_atomic
 from lightning_opd.errors import StoreError
+from lightning_opd.evaluation import diagnostics
 from lightning_opd.store.arrow import conform_table, rows_to_table
 from lightning_opd.store.card import write_card
 from lightning_opd.store.files import file_lock, fsync_dir, read_json, sha256_file

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.provenance import Provenance, write_provenance
 from lightning_opd.prompts import write_jsonl
-from lightning_opd.provenance import Provenance, write_provenance
 from lightning_opd.stage0.sft import SFTExample, SFTTrainConfig, train_sft
 from lightning_opd.toy.models import STUDENT_SPEC, TEACHER_SPEC, ToyModelSpec, build_model
 from lightning_opd.toy.task import sample_problems, to_records, worked_solution

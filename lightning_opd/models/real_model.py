@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from lightning_opd.errors import InputError, LopdError
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
-from lightning_opd.provenance import PROVENANCE_FILE, Provenance, write_provenance
+from lightning_opd.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.provenance import PROVENANCE_FILE, Provenance, write_provenance
 from lightning_opd.toy.models import ToyModelSpec, build_model
 from lightning_opd.toy.teacher import default_cache_dir
 
@@ -166,7 +166,7 @@ def write_student_init(
     """A randomly initialised few-layer student that uses ``teacher_dir``'s tokenizer and stop tokens."""
     from transformers import GenerationConfig
 
-    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(teacher_dir)
     model = build_model(spec, tokenizer, seed=seed)

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from lightning_opd.errors import TeacherConsistencyError
-from lightning_opd.fingerprint import (
+from lightning_opd.models.fingerprint import (
     BEHAVIOR_TOLERANCE,
     behavior_distance,
     has_weights,
@@ -20,8 +20,19 @@ from lightning_opd.fingerprint import (
     same_behavior,
     tokenizer_fingerprint,
 )
-from lightning_opd.modeling import check_same_tokenizer, load_tokenizer, model_identity
-from lightning_opd.provenance import ModelIdentity, read_provenance
+from lightning_opd.models.loading import check_same_tokenizer, load_tokenizer, model_identity
+from lightning_opd.models.provenance import ModelIdentity, read_provenance
+
+
+def _unknown(message: str, allowed: bool, sft_fingerprint: str | None) -> dict:
+    """The record of a consistency that cannot be checked: warned about, and said in the manifest."""
+    warnings.warn(message, stacklevel=3)
+    return {
+        "consistent": None,
+        "allowed": allowed,
+        "sft_teacher_fingerprint": sft_fingerprint,
+        "note": message,
+    }
 
 
 def teacher_consistency(
@@ -46,13 +57,7 @@ def teacher_consistency(
             f"student {student_path} has no provenance naming its SFT teacher, so teacher consistency cannot be "
             "checked; pass --sft-teacher DIR to declare it"
         )
-        warnings.warn(message, stacklevel=2)
-        return {
-            "consistent": None,
-            "allowed": allow_inconsistent,
-            "sft_teacher_fingerprint": None,
-            "note": message,
-        }
+        return _unknown(message, allow_inconsistent, None)
     if sft_teacher.fingerprint == teacher.fingerprint:
         return {
             "consistent": True,
@@ -116,13 +121,7 @@ def behavior_consistency(
             f"behaviour, so teacher consistency with {where} cannot be checked; pass --sft-teacher DIR (its "
             "weights) to check it"
         )
-        warnings.warn(message, stacklevel=2)
-        return {
-            "consistent": None,
-            "allowed": allow_inconsistent,
-            "sft_teacher_fingerprint": sft_fingerprint,
-            "note": message,
-        }
+        return _unknown(message, allow_inconsistent, sft_fingerprint)
     if same_behavior(expected, served):
         return {"consistent": True, "allowed": False, "sft_teacher_fingerprint": sft_fingerprint, "note": ""}
     message = (

@@ -2,7 +2,7 @@
 
     lopd store plot STORE_DIR --out DIR                 store figures (PNG)
     lopd plot-runs RUN_DIR [RUN_DIR ...] --out DIR      training-run figures (PNG)
-    (also: python -m lightning_opd.plots store|runs ...)
+    (also: python -m lightning_opd.reporting.plots store|runs ...)
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot): no GUI backend and no global
 figure state, so the same functions work in a headless job, a test and a notebook (which shows the
@@ -374,7 +374,7 @@ def run(config: RunPlotsConfig, log=print) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_opd.plots", description=__doc__.splitlines()[0]
+        prog="python -m lightning_opd.reporting.plots", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="what", required=True)
     add_dataclass_args(sub.add_parser("store", help="figures of one store"), StorePlotsConfig)

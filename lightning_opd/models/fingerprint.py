@@ -219,7 +219,7 @@ def local_behavior(model_dir: str | Path, device: str = "cpu") -> dict:
     """The behaviour record of the weights in ``model_dir``: float32, as a server would score the probe."""
     import torch
 
-    from lightning_opd.modeling import load_causal_lm
+    from lightning_opd.models.loading import load_causal_lm
     from lightning_opd.scoring import score_sequences  # lazy: modeling imports this module
 
     model, tokenizer = load_causal_lm(model_dir, dtype="float32", device=device)

@@ -6,10 +6,10 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from lightning_opd.evaluation.verifiers import VERIFIERS, resolve_verifier
 from lightning_opd.prompts import PromptRecord, encode_prompt
 from lightning_opd.stage1.rollout import Rollout, SamplingConfig
 from lightning_opd.stage1.samplers import make_sampler
-from lightning_opd.verifiers import VERIFIERS, resolve_verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

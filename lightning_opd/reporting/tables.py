@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lightning_opd.stats import mean_ci
+from lightning_opd.reporting.stats import mean_ci
 from storage_schemas.logprob_store_v1 import MANIFEST_FILE, ROLLOUTS_SUBDIR
 
 CSV_COLUMNS = (

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lightning_opd.errors import InputError, TokenizerMismatchError
-from lightning_opd.fingerprint import model_fingerprint, tokenizer_fingerprint
-from lightning_opd.provenance import ModelIdentity
+from lightning_opd.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lightning_opd.models.provenance import ModelIdentity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
