@@ -10,7 +10,8 @@
     # the same as a Slurm job array or Ray tasks: examples/slurm/submit.sh, examples/ray_precompute.py
     # every GPU of one machine (each worker pinned to its GPUs), then the manifest, in one command:
     lopd precompute ... --local-workers 8
-    # vLLM engines: --tensor-parallel-size/--max-num-seqs/--gpu-memory-utilization/--max-model-len
+    # vLLM engines: --tensor-parallel-size/--max-num-seqs/--gpu-memory-utilization/--max-model-len/
+    # --max-num-batched-tokens
     # (sampler), --scoring-... (scorer); recorded in the manifest (sampling.engine, extra.scoring_engine)
 
 Work is cut into fixed *parts* of the prompt set (``--part-size`` prompts each); worker i of N does

@@ -90,7 +90,10 @@ VERSIONING = f"""\
   optional compact top-k (`encoding.topk_scale`: sorted ids as gaps, coarser top-k log-probs). An
   encoding changes what columns mean, so it is the exception to "ignore what you do not know": a
   release refuses an `encoding` it does not know exactly (a 1.2 release refuses a 1.3 compact top-k
-  store) rather than misread its columns.
+  store) rather than misread its columns. 1.4 added `max_num_batched_tokens` to the engine records
+  (`sampling.engine`, `extra.scoring_engine`: the tokens of one vLLM engine step, which bound its
+  `prompt_logprobs` memory); a 1.3 release refuses such a record (it checked for exactly four keys),
+  so 1.4 checks the keys it knows and lets later ones through.
 """
 
 

@@ -116,7 +116,7 @@ def test_compact_store_verifies_and_reads_back_within_the_bound(tmp_path):
     src = write_store(tmp_path / "src", num_parts=2, topk=2, with_sampling=True, with_reward=True)
     dst = tmp_path / "compact"
     manifest = tools.compact_store(src, dst, **QUIET)
-    assert manifest.format_version == fmt.FORMAT_VERSION == "1.3"  # written by 1.3; 1.2 reads it (a warning)
+    assert manifest.format_version == fmt.FORMAT_VERSION == "1.4"  # written by 1.4; 1.2 reads it (a warning)
     assert manifest.encoding == fmt.fixed16_encoding()
     assert json.loads((dst / fmt.MANIFEST_FILE).read_text())["encoding"]["max_abs_error"] == 1 / 4096
     assert manifest.extra[fmt.LINEAGE_KEY][0]["op"] == "compact"
@@ -343,7 +343,7 @@ def test_compact_topk_store_reads_back_within_the_bound(tmp_path):
     src = write_store(tmp_path / "src", num_parts=2, topk=4, with_sampling=True, with_reward=True)
     dst = tmp_path / "compact"
     manifest = tools.compact_store(src, dst, topk_scale=32, **QUIET)
-    assert manifest.format_version == fmt.FORMAT_VERSION == "1.3"
+    assert manifest.format_version == fmt.FORMAT_VERSION == "1.4"
     on_disk = json.loads((dst / fmt.MANIFEST_FILE).read_text())["encoding"]
     assert on_disk == fmt.fixed16_encoding(topk_scale=32)
     assert (on_disk["topk_scale"], on_disk["topk_max_abs_error"], on_disk["max_abs_error"]) == (

@@ -30,6 +30,10 @@ def config(**overrides):
         (dict(backend="vllm", gpu_memory_utilization=1.5), r"gpu_memory_utilization must be .* got 1.5"),
         (dict(backend="vllm", max_model_len=1), r"^max_model_len must be None or >= 2, got 1"),
         (
+            dict(scoring_backend="vllm", scoring_max_num_batched_tokens=0),
+            r"^scoring_max_num_batched_tokens must be None or >= 1, got 0",
+        ),
+        (
             dict(scoring_backend="vllm", scoring_gpu_memory_utilization=0.0),
             r"^scoring_gpu_memory_utilization must be None or in \(0, 1\], got 0.0",
         ),
@@ -57,12 +61,14 @@ def test_engine_settings_reach_the_engine_configs():
         scoring_tensor_parallel_size=4,
         scoring_max_num_seqs=16,
         scoring_max_model_len=1024,
+        scoring_max_num_batched_tokens=4096,
     )
     assert engine_config(c).settings() == {
         "tensor_parallel_size": 2,
         "max_num_seqs": 8,
         "gpu_memory_utilization": 0.5,
         "max_model_len": 512,
+        "max_num_batched_tokens": None,  # vLLM's default
     }
     score = c.score_config()
     assert isinstance(score, ScoreConfig)
@@ -73,6 +79,7 @@ def test_engine_settings_reach_the_engine_configs():
         "max_num_seqs": 16,
         "gpu_memory_utilization": 0.2,
         "max_model_len": 1024,
+        "max_num_batched_tokens": 4096,
     }
 
 
@@ -111,3 +118,25 @@ def test_header_checks_engine_records(micro_store):
     assert header_problems(header) == [
         "extra.scoring_engine.tensor_parallel_size must be a positive number or None, got 0"
     ]
+    # A 1.3 record (four keys, before max_num_batched_tokens) stays valid; a key a later version adds too.
+    header["extra"]["scoring_engine"] = {
+        "tensor_parallel_size": 1, "max_num_seqs": None, "gpu_memory_utilization": 0.9, "max_model_len": None,
+    }  # fmt: skip
+    assert header_problems(header) == []
+    header["extra"]["scoring_engine"].update(max_num_batched_tokens=-1, from_a_later_version=3)
+    assert header_problems(header) == [
+        "extra.scoring_engine.max_num_batched_tokens must be a positive number or None, got -1"
+    ]
+
+
+def test_the_scorer_fits_its_step_to_the_vocabulary_and_the_memory_left_beside_vllm():
+    """Issue 20: vLLM's prompt_logprobs takes ~6 B x tokens x vocabulary outside its memory profile."""
+    from lightning_opd.stage1.vllm_backend import scoring_batched_tokens
+
+    gib = 2**30
+    # An 80 GiB GPU, all free, vLLM at 0.92: 6.4 GiB beside it, half for 152k-vocabulary logits.
+    tokens, why = scoring_batched_tokens(152_064, 80 * gib, 80 * gib, 0.92)
+    assert tokens == 3584 and 6 * tokens * 152_064 <= 3.2 * gib
+    assert "3584 tokens x 152064 vocabulary = 3.0 GiB" in why and "--scoring-max-num-batched-tokens" in why
+    assert scoring_batched_tokens(32_000, 80 * gib, 80 * gib, 0.5)[0] == 16384  # capped
+    assert scoring_batched_tokens(262_144, 80 * gib, 10 * gib, 0.92)[0] == 512  # no headroom: the floor

@@ -331,12 +331,15 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
         96,
         "--gpu-memory-utilization",
         0.15,
+        "--max-num-batched-tokens",
+        512,
     )
     sampler_engine = {
         "tensor_parallel_size": 1,
         "max_num_seqs": 3,
         "gpu_memory_utilization": 0.15,
         "max_model_len": 96,
+        "max_num_batched_tokens": 512,
     }
     assert f"stage 1 rollouts: vLLM engine runs with {sampler_engine}" in precomputed
     assert "OK" in lopd("store", "verify", out)
@@ -369,13 +372,17 @@ def test_store_written_through_vllm_passes_verify(model_dir, tmp_path):
         2,
         "--scoring-max-model-len",
         64,
+        "--scoring-max-num-batched-tokens",
+        128,
     )
-    # vLLM picked nothing here: the utilization is this module's CPU default, the rest as given.
+    # vLLM picked nothing here: the utilization is this module's CPU default, the rest as given
+    # (on a GPU an unset --scoring-max-num-batched-tokens is fitted to the vocabulary: test_stage1_engine).
     scorer_engine = {
         "tensor_parallel_size": 1,
         "max_num_seqs": 2,
         "gpu_memory_utilization": 0.2,
         "max_model_len": 64,
+        "max_num_batched_tokens": 128,
     }
     assert f"stage 1 scoring: vLLM engine runs with {scorer_engine}" in scored
     assert "OK" in lopd("store", "verify", vllm_scored)

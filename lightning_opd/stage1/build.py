@@ -45,12 +45,16 @@ from storage_schemas.logprob_store_v1 import (
 SCORING_BACKENDS = ("transformers", "vllm", "server")  # server: stage1/served.py
 # The vLLM engine's scale settings, one config field each: plain names for the rollout sampler
 # (RolloutConfig), "scoring_"-prefixed for the teacher scorer (ScoreConfig, PrecomputeConfig).
-ENGINE_FIELDS = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
+ENGINE_FIELDS = (
+    "tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens"
+)  # fmt: skip
 ENGINE_FIELD_HELP = {
     "tensor_parallel_size": "GPUs one vLLM engine spans (tensor parallel)",
     "max_num_seqs": "sequences per vLLM engine step (default: vLLM's for the hardware)",
     "gpu_memory_utilization": "share of device memory vLLM may take (default: 0.92 on a GPU, 0.2 on CPU)",
     "max_model_len": "vLLM context length (default: the model's)",
+    "max_num_batched_tokens": "tokens per vLLM engine step; bounds prompt_logprobs' memory, ~6 B x tokens x "
+    "vocabulary outside vLLM's profiling (default: vLLM's; the scorer on a GPU: fitted to the vocabulary)",
 }
 
 
@@ -66,6 +70,7 @@ class SamplerEngineFlags:
     max_num_seqs: int | None = _engine_field("max_num_seqs", None)
     gpu_memory_utilization: float | None = _engine_field("gpu_memory_utilization", None)
     max_model_len: int | None = _engine_field("max_model_len", None)
+    max_num_batched_tokens: int | None = _engine_field("max_num_batched_tokens", None)
 
 
 @dataclass(kw_only=True)
@@ -76,6 +81,7 @@ class ScoringEngineFlags:
     scoring_max_num_seqs: int | None = _engine_field("max_num_seqs", None, "scorer: ")
     scoring_gpu_memory_utilization: float | None = _engine_field("gpu_memory_utilization", None, "scorer: ")
     scoring_max_model_len: int | None = _engine_field("max_model_len", None, "scorer: ")
+    scoring_max_num_batched_tokens: int | None = _engine_field("max_num_batched_tokens", None, "scorer: ")
 
 
 def engine_config(config, prefix: str = "", *, max_logprobs: int = 20):
@@ -113,10 +119,11 @@ def make_scorer(config, log=print, served=None):
     if config.scoring_backend == "server":
         return (lambda prompts, responses: served.score(prompts, responses, config.topk)), (lambda: None)
     if config.scoring_backend == "vllm":
-        from lightning_opd.stage1.vllm_backend import VLLMScorer, running_settings
+        from lightning_opd.stage1.vllm_backend import VLLMScorer, fit_scorer_engine, running_settings
 
         # vLLM caps top-k log-probs at max_logprobs (default 20): lift the cap to the asked top-k.
         engine = engine_config(config, "scoring_", max_logprobs=max(20, config.topk))
+        engine = fit_scorer_engine(engine, config.teacher, log)
         scorer = VLLMScorer(config.teacher, dtype=config.dtype, engine=engine)
         log(f"stage 1 scoring: vLLM engine runs with {running_settings(scorer.llm)}")
         return (

@@ -24,6 +24,7 @@ temperature 1 without top-p the two are the same distribution and the extra pass
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,13 +71,16 @@ class VLLMEngineConfig:
 
     ``gpu_memory_utilization`` None means vLLM's default (0.92) on a GPU and 0.2 without one: on CPU
     builds the fraction reserves *host* memory for the KV cache, and 0.92 of it fails to allocate.
-    The four scale settings (``tensor_parallel_size``, ``max_num_seqs``, ``gpu_memory_utilization``,
-    ``max_model_len``) are recorded in the store manifest by ``settings()``.
+    The five scale settings (``tensor_parallel_size``, ``max_num_seqs``, ``gpu_memory_utilization``,
+    ``max_model_len``, ``max_num_batched_tokens``) are recorded in the store manifest by ``settings()``.
     """
 
     max_model_len: int | None = None  # None: the model's own context length
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None  # sequences per engine step; None: vLLM's default for the hardware
+    # Tokens per engine step; None: vLLM's default. It bounds what prompt_logprobs allocates outside
+    # vLLM's memory profile (~6 bytes x scheduled tokens x vocabulary: 7.5 GiB at 8k tokens, 152k vocab).
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = False  # True skips CUDA-graph capture/compilation: faster start, slower decode
     max_logprobs: int = 20  # vLLM's cap on top-k log-probs per position; raise it for a larger top-k
     tensor_parallel_size: int = 1
@@ -94,6 +98,10 @@ class VLLMEngineConfig:
         check(
             self.max_num_seqs is None or self.max_num_seqs >= 1,
             f"max_num_seqs must be None or >= 1, got {self.max_num_seqs}",
+        )
+        check(
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be None or >= 1, got {self.max_num_batched_tokens}",
         )
         check(self.max_logprobs >= 0, f"max_logprobs must be >= 0, got {self.max_logprobs}")
         check(
@@ -122,6 +130,7 @@ class VLLMEngineConfig:
             max_num_seqs=self.max_num_seqs,
             gpu_memory_utilization=utilization,
             max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
         )
 
 
@@ -142,6 +151,49 @@ def _engine_kwargs(
     return kwargs
 
 
+# What vLLM's prompt_logprobs holds per scheduled token and vocabulary entry, outside the memory vLLM
+# profiles for itself (measured, issue 20: ~7.5 GiB at 8k scheduled tokens and a 152k vocabulary).
+PROMPT_LOGPROBS_BYTES = 6
+SCORER_TOKENS_RANGE = (512, 16384)
+
+
+def scoring_batched_tokens(
+    vocab: int, total_bytes: int, free_bytes: int, utilization: float
+) -> tuple[int, str]:
+    """The scorer's ``max_num_batched_tokens`` when none is given, and why: half the device memory left
+    beside vLLM's share (``utilization`` of the total, from what is free now) goes to prompt_logprobs'
+    ``PROMPT_LOGPROBS_BYTES x tokens x vocab``; a multiple of 256 within ``SCORER_TOKENS_RANGE``."""
+    headroom = max(0, free_bytes - int(utilization * total_bytes))
+    low, high = SCORER_TOKENS_RANGE
+    tokens = max(low, min(high, int(headroom / 2 / (PROMPT_LOGPROBS_BYTES * vocab)) // 256 * 256))
+    gib = 2**30
+    why = (
+        f"prompt_logprobs holds ~{PROMPT_LOGPROBS_BYTES} B x {tokens} tokens x {vocab} vocabulary = "
+        f"{PROMPT_LOGPROBS_BYTES * tokens * vocab / gib:.1f} GiB outside vLLM's memory profile, within half "
+        f"the {headroom / gib:.1f} GiB left beside its {utilization:.2f} share of the device "
+        "(--scoring-max-num-batched-tokens to choose)"
+    )
+    return tokens, why
+
+
+def fit_scorer_engine(engine: VLLMEngineConfig, model_dir: str, log) -> VLLMEngineConfig:
+    """``engine`` with a ``max_num_batched_tokens`` fitted to the teacher's vocabulary on a GPU (vLLM's
+    own default, 8-16k tokens, makes prompt_logprobs overrun its memory at a 150k vocabulary); as given
+    on CPU or when set."""
+    import torch
+
+    if engine.max_num_batched_tokens is not None or not torch.cuda.is_available():
+        return engine
+    from lightning_opd.logprobs import text_config
+    from lightning_opd.models.loading import load_config
+
+    vocab = int(text_config(load_config(model_dir)).vocab_size)
+    free, total = torch.cuda.mem_get_info()
+    tokens, why = scoring_batched_tokens(vocab, total, free, engine.settings()["gpu_memory_utilization"])
+    log(f"stage 1 scoring: max_num_batched_tokens {tokens}: {why}")
+    return dataclasses.replace(engine, max_num_batched_tokens=tokens)
+
+
 def running_settings(llm) -> dict[str, Any]:
     """The scale settings a started engine actually runs with (read back from its config), for the log:
     what vLLM chose where we left a setting to it, and proof that ours reached it."""
@@ -151,6 +203,7 @@ def running_settings(llm) -> dict[str, Any]:
         max_num_seqs=int(config.scheduler_config.max_num_seqs),
         gpu_memory_utilization=float(config.cache_config.gpu_memory_utilization),
         max_model_len=int(config.model_config.max_model_len),
+        max_num_batched_tokens=int(config.scheduler_config.max_num_batched_tokens),
     )
 
 

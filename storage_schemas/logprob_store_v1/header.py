@@ -42,7 +42,11 @@ SAMPLING_LOGPROBS_DISTRIBUTION = SAMPLING_LOGPROBS_MODE
 # backend (not applicable), absent in stores written before they were recorded. They say how a
 # store was made, not what it holds: they are not identity fields. Values are what was handed to the
 # engine; a null inside means the engine chose (its hardware default, the model's context length).
-ENGINE_KEYS = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
+# 1.4 added ``max_num_batched_tokens`` (the tokens of one engine step, which bound vLLM's prompt_logprobs
+# memory); a 1.3 record has the first four keys only and stays valid. Keys beyond ENGINE_KEYS are
+# accepted (a later minor version may add some): a reader checks the ones it knows.
+ENGINE_KEYS_1_3 = ("tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "max_model_len")
+ENGINE_KEYS = (*ENGINE_KEYS_1_3, "max_num_batched_tokens")
 SCORING_ENGINE_KEY = "scoring_engine"  # in manifest.extra, next to "scoring_backend"
 
 
@@ -52,6 +56,7 @@ def engine_section(
     max_num_seqs: int | None,
     gpu_memory_utilization: float | None,
     max_model_len: int | None,
+    max_num_batched_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One engine record (``sampling.engine`` / ``extra.scoring_engine``)."""
     return {
@@ -59,6 +64,7 @@ def engine_section(
         "max_num_seqs": max_num_seqs,
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
+        "max_num_batched_tokens": max_num_batched_tokens,
     }
 
 
@@ -216,15 +222,16 @@ def _topk_problems(kind: Any, topk: Any) -> list[str]:
 
 
 def _engine_problems(where: str, engine: Any) -> list[str]:
-    """An engine record is absent/None or exactly ``ENGINE_KEYS``, each a positive number or None."""
+    """An engine record is absent/None or a dict with at least ``ENGINE_KEYS_1_3``, each a positive
+    number or None (``max_num_batched_tokens`` since 1.4; keys a later version adds are let through)."""
     if engine is None:
         return []
-    if not isinstance(engine, dict) or sorted(engine) != sorted(ENGINE_KEYS):
+    if not isinstance(engine, dict) or not set(ENGINE_KEYS_1_3) <= set(engine):
         return [f"header {where} must be None or a dict with keys {list(ENGINE_KEYS)}, got {engine!r:.80}"]
     return [
         f"{where}.{key} must be a positive number or None, got {value!r}"
         for key, value in engine.items()
-        if value is not None and not (is_number(value) and value > 0)
+        if key in ENGINE_KEYS and value is not None and not (is_number(value) and value > 0)
     ]
 
 

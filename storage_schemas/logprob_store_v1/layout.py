@@ -10,12 +10,15 @@ from typing import Any
 from lightning_opd.errors import StoreVersionError
 
 FORMAT_NAME = "lightning-opd-logprob-store"
-FORMAT_VERSION = "1.3"  # major.minor: a new major breaks readers, a new minor only adds
+FORMAT_VERSION = "1.4"  # major.minor: a new major breaks readers, a new minor only adds
 # 1.1 added the optional sampling_logprobs column (1.0 stores lack it and stay readable).
 # 1.2 added the optional compact log-prob encoding (manifest ``encoding``; 1.0/1.1 stores have none).
 # 1.3 added the optional compact top-k layout (``encoding.topk_scale``): sorted ids stored as gaps and
 # coarser top-k log-probs. A 1.2 reader refuses such a manifest (its ``encoding`` check wants the exact
 # 1.2 section) instead of misreading the columns; 1.3 stores without it read as 1.2 stores do.
+# 1.4 added ``max_num_batched_tokens`` to the engine records (``sampling.engine``,
+# ``extra.scoring_engine``). A 1.3 reader refuses such a record (it wanted exactly four keys); 1.4
+# readers accept engine keys they do not know, so later additions stay readable.
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
