@@ -11,6 +11,7 @@ student with any other teacher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,9 +167,10 @@ def teacher_answers(config: SFTJobConfig, records, log) -> list[dict]:
     )
     prompt_ids = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in records]
     log(f"stage 0: teacher answers {len(records)} prompts x {config.samples_per_prompt}")
-    sampler = make_sampler(config.teacher, sampling, config.device, progress="sft: teacher answers")
-    rollouts = sampler.sample(prompt_ids, [r.prompt_id for r in records], config.seed)
-    sampler.close()
+    with contextlib.closing(
+        make_sampler(config.teacher, sampling, config.device, progress="sft: teacher answers")
+    ) as sampler:
+        rollouts = sampler.sample(prompt_ids, [r.prompt_id for r in records], config.seed)
     answers = {r.prompt_id: r.answer for r in records}
     grade = VERIFIERS[resolve_verifier(config.verifier, records)]
     rows = []

@@ -433,3 +433,56 @@ def test_eval_runs_on_the_vllm_backend(model_dir, tmp_path):
     )
     result = json.loads(out.read_text())["result"]
     assert result["num_prompts"] == len(PROMPTS) and 0.0 <= result["greedy_accuracy"] <= 1.0
+
+
+def test_commands_that_start_a_vllm_engine_exit_0_every_time(model_dir, tmp_path):
+    """Issue 20: an engine left to the interpreter's exit once aborted a finished `lopd eval` with
+    status -6 ("terminate called without an active exception"), which breaks a scheduler's afterok.
+    Each command shuts its engines down itself: several runs, status 0 every time."""
+    import json
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"p{i}", "prompt": p, "answer": "0"}) + "\n"
+            for i, p in enumerate(PROMPTS)
+        )
+    )
+
+    def status(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_opd.cli", *map(str, args)], capture_output=True, text=True
+        )
+        assert "terminate called" not in result.stderr, result.stderr[-2000:]
+        return result.returncode
+
+    evals = [
+        status("eval", "--model", model_dir, "--prompts", prompts, "--backend", "vllm", "--max-new-tokens", 4)
+        for _ in range(3)
+    ]
+    precomputes = [
+        status(
+            "precompute",
+            "--student",
+            model_dir,
+            "--teacher",
+            model_dir,
+            "--sft-teacher",
+            model_dir,
+            "--prompts",
+            prompts,
+            "--out",
+            tmp_path / f"store-{i}",
+            "--backend",
+            "vllm",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            8,
+            "--allow-duplicate",
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    assert evals == [0, 0, 0] and precomputes == [0, 0]

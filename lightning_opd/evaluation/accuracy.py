@@ -37,6 +37,15 @@ class EvalResult:
         return {**self.__dict__, "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()}}
 
 
+def _sample(sampler, prompt_ids, keys, seed):
+    """The sampler's rollouts, its engine shut down at once: a vLLM engine left to the interpreter's exit
+    can abort it (status -6, "terminate called without an active exception") after the results printed."""
+    try:
+        return sampler.sample(prompt_ids, keys, seed)
+    finally:
+        sampler.close()
+
+
 def grade_rollouts(rollouts: list[Rollout], answers: dict[str, str], verifier: str) -> list[float]:
     grade = VERIFIERS[verifier]
     return [grade(r.response_text, answers[r.prompt_id]) for r in rollouts]
@@ -81,8 +90,8 @@ def evaluate_model(
             batch_size=batch_size,
             backend=backend,
         )
-        rollouts = make_sampler(model, config, tokenizer=tokenizer, progress="eval greedy").sample(
-            prompt_ids, keys, seed
+        rollouts = _sample(
+            make_sampler(model, config, tokenizer=tokenizer, progress="eval greedy"), prompt_ids, keys, seed
         )
         scores = grade_rollouts(rollouts, answers, verifier)
         greedy_acc = sum(scores) / len(scores)
@@ -99,9 +108,8 @@ def evaluate_model(
             batch_size=batch_size,
             backend=backend,
         )
-        rollouts = make_sampler(
-            model, config, tokenizer=tokenizer, progress=f"eval {samples} samples"
-        ).sample(prompt_ids, keys, seed)
+        sampler = make_sampler(model, config, tokenizer=tokenizer, progress=f"eval {samples} samples")
+        rollouts = _sample(sampler, prompt_ids, keys, seed)
         correct: dict[str, int] = defaultdict(int)
         for r, s in zip(rollouts, grade_rollouts(rollouts, answers, verifier)):
             correct[r.prompt_id] += int(s)

@@ -8,6 +8,7 @@ Work is cut into fixed parts of the prompt set; worker i of N does the parts wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -216,80 +217,83 @@ def run_rollouts(config, log=print) -> Path:
     )
     # Given the directory, the sampler loads the model itself: vLLM when installed, else transformers.
     engine = engine_config(config)
-    sampler = make_sampler(config.student, sampling, config.device, engine=engine)
-    if sampler.name == "vllm":
-        from lightning_opd.stage1.vllm_backend import running_settings
+    # closing(): the engine is shut down on the way out, error or not (left to the interpreter's exit,
+    # vLLM's engine can abort it after the work is done).
+    with contextlib.closing(make_sampler(config.student, sampling, config.device, engine=engine)) as sampler:
+        if sampler.name == "vllm":
+            from lightning_opd.stage1.vllm_backend import running_settings
 
-        log(f"stage 1 rollouts: vLLM engine runs with {running_settings(sampler.llm)}")
-    elif _changed_engine_flags(config, ""):
-        warnings.warn(
-            f"stage 1: --backend auto chose transformers (vLLM is not installed), so "
-            f"{_changed_engine_flags(config, '')} are ignored",
-            stacklevel=1,
-        )
-    header = {
-        "kind": "rollouts",
-        "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
-        "sampling": sampling_section(
-            sampler.name,
-            sampler.version,
-            config,
-            engine=engine.settings() if sampler.name == "vllm" else None,
-        ),
-        "horizon": config.max_new_tokens,
-        "prompt_set": prompt_set_section(
-            str(Path(config.prompts).resolve()),
-            content_hash=prompt_set_hash(records),
-            num_prompts=len(records),
-            skipped=skipped,
-            part_size=config.part_size,
-        ),
-        "teacher": None,
-        "teacher_consistency": None,
-        "topk": None,
-        "extra": {},
-    }
-    from lightning_opd.models.provenance import read_provenance
-
-    provenance = read_provenance(config.student)
-    if provenance and provenance.sft_teacher:
-        header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
-    num_parts = math.ceil(len(keep) / config.part_size)
-    writer = StoreWriter(
-        out,
-        header,
-        num_parts=num_parts,
-        topk=None,
-        with_text=config.keep_text,
-        with_reward=True,
-        with_sampling=True,
-    )
-    mine = my_parts(num_parts, config.shard_index, config.num_shards)
-    done = writer.committed_parts(mine)  # checksums each of this worker's shards once
-    todo = [p for p in mine if p not in done]
-    log(
-        f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})"
-    )
-    answers = {r.prompt_id: r.answer for r in records}
-    grade = VERIFIERS[resolve_verifier(config.verifier, records)]
-    bar = progress_bar(todo, desc="rollout parts", unit="part")
-    throughput = TokenRate()
-    for part in bar:
-        idx = keep[part * config.part_size : (part + 1) * config.part_size]
-        rollouts = sampler.sample(
-            [encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part
-        )
-        rows = [
-            r.store_row(
-                teacher_logprobs=None,  # a rollouts store: `lopd score` fills them
-                reward=None if answers[r.prompt_id] is None else grade(r.response_text, answers[r.prompt_id]),
-                response_text=r.response_text if config.keep_text else None,
+            log(f"stage 1 rollouts: vLLM engine runs with {running_settings(sampler.llm)}")
+        elif _changed_engine_flags(config, ""):
+            warnings.warn(
+                f"stage 1: --backend auto chose transformers (vLLM is not installed), so "
+                f"{_changed_engine_flags(config, '')} are ignored",
+                stacklevel=1,
             )
-            for r in rollouts
-        ]
-        writer.write_part(part, rows)
-        bar.set_postfix_str(throughput.add(sum(len(r["response_ids"]) for r in rows)))
-    sampler.close()
+        header = {
+            "kind": "rollouts",
+            "student": {**asdict(student_id), "sft_teacher_fingerprint": None},
+            "sampling": sampling_section(
+                sampler.name,
+                sampler.version,
+                config,
+                engine=engine.settings() if sampler.name == "vllm" else None,
+            ),
+            "horizon": config.max_new_tokens,
+            "prompt_set": prompt_set_section(
+                str(Path(config.prompts).resolve()),
+                content_hash=prompt_set_hash(records),
+                num_prompts=len(records),
+                skipped=skipped,
+                part_size=config.part_size,
+            ),
+            "teacher": None,
+            "teacher_consistency": None,
+            "topk": None,
+            "extra": {},
+        }
+        from lightning_opd.models.provenance import read_provenance
+
+        provenance = read_provenance(config.student)
+        if provenance and provenance.sft_teacher:
+            header["student"]["sft_teacher_fingerprint"] = provenance.sft_teacher["fingerprint"]
+        num_parts = math.ceil(len(keep) / config.part_size)
+        writer = StoreWriter(
+            out,
+            header,
+            num_parts=num_parts,
+            topk=None,
+            with_text=config.keep_text,
+            with_reward=True,
+            with_sampling=True,
+        )
+        mine = my_parts(num_parts, config.shard_index, config.num_shards)
+        done = writer.committed_parts(mine)  # checksums each of this worker's shards once
+        todo = [p for p in mine if p not in done]
+        log(
+            f"stage 1 rollouts: {len(keep)} prompts in {num_parts} parts; this worker: {len(todo)} to do ({sampler.name} {sampler.version})"
+        )
+        answers = {r.prompt_id: r.answer for r in records}
+        grade = VERIFIERS[resolve_verifier(config.verifier, records)]
+        bar = progress_bar(todo, desc="rollout parts", unit="part")
+        throughput = TokenRate()
+        for part in bar:
+            idx = keep[part * config.part_size : (part + 1) * config.part_size]
+            rollouts = sampler.sample(
+                [encoded[i] for i in idx], [records[i].prompt_id for i in idx], config.seed + part
+            )
+            rows = [
+                r.store_row(
+                    teacher_logprobs=None,  # a rollouts store: `lopd score` fills them
+                    reward=None
+                    if answers[r.prompt_id] is None
+                    else grade(r.response_text, answers[r.prompt_id]),
+                    response_text=r.response_text if config.keep_text else None,
+                )
+                for r in rollouts
+            ]
+            writer.write_part(part, rows)
+            bar.set_postfix_str(throughput.add(sum(len(r["response_ids"]) for r in rows)))
     finalize_if_complete(writer, config.num_shards, log)
     return out
 
