@@ -151,6 +151,9 @@ def test_eval_with_the_vllm_backend_hands_the_directory_to_the_sampler(
         def sample(self, prompt_ids, keys, seed):
             return [Rollout(keys[0], 0, prompt_ids[0], [1, 2], [-0.1, -0.2], "stop", "It is \\boxed{3}.")]
 
+        def close(self):  # eval shuts the engine down as soon as it has sampled
+            seen["closed"] = True
+
     def make_sampler(model, config, tokenizer=None, **_):
         seen.update(model=model, backend=config.backend, tokenizer=tokenizer)
         return Sampler()
@@ -164,5 +167,5 @@ def test_eval_with_the_vllm_backend_hands_the_directory_to_the_sampler(
     config = evaluate.EvalJobConfig(model=str(micro_student_dir), prompts=str(prompts), backend="vllm")
     result = evaluate.run(config, log=lambda *_: None)
     assert seen["model"] == str(micro_student_dir) and seen["backend"] == "vllm"
-    assert seen["tokenizer"] is not None
+    assert seen["tokenizer"] is not None and seen["closed"]
     assert result.greedy_accuracy == 1.0  # graded by the inferred generic verifier, not the toy's
