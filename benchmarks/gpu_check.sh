@@ -45,12 +45,18 @@ run bench_gpu_mfu 180 "$PY" benchmarks/bench_gpu_mfu.py --json "$OUT/gpu_mfu.jso
 run bench_scale 240 "$PY" benchmarks/bench_scale.py --device cuda --json "$OUT/scale.json"
 # packed vs padded stage-two micro-batches on long-tailed lengths: step time, peak memory
 run bench_packing 180 "$PY" benchmarks/bench_packing.py --device cuda
+# vLLM scoring at Gemma-3-270M's 262k vocabulary: the fitted tokens per step vs vLLM-sized 8192
+if "$PY" -c "import vllm" 2>/dev/null; then
+    run bench_vllm_vocab 300 "$PY" benchmarks/bench_vllm_vocab.py --device cuda --json "$OUT/vllm_vocab.json"
+else
+    echo "bench_vllm_vocab: skipped (no vllm)" | tee -a "$OUT/summary.txt"
+fi
 
 echo
 echo "== summary ($OUT) =="
 cat "$OUT/summary.txt"
-for name in bench_scoring bench_vocab_memory bench_gpu_mfu bench_scale bench_packing; do
+for name in bench_scoring bench_vocab_memory bench_gpu_mfu bench_scale bench_packing bench_vllm_vocab; do
     echo "-- $name"
-    grep -E "x$|x |MFU|method|ours|naive|vocab|lora_rank|planned|^[0-9]+ \||padded|packed" "$OUT/$name.log" | tail -n 16
+    [ -f "$OUT/$name.log" ] && grep -E "x$|x |MFU|method|ours|naive|vocab|lora_rank|planned|^[0-9]+ \||padded|packed|^\| " "$OUT/$name.log" | tail -n 16
 done
 exit $failed
