@@ -65,6 +65,8 @@ HELP = {
     "report_to": "also log every metrics.jsonl row to experiment trackers (accelerate's): none | tensorboard "
     "| wandb | mlflow | all (every installed one); pip install 'lightning-opd[trackers]'",
     "shuffle_buffer": "rows held for the streaming shuffle (larger mixes better, costs host memory)",
+    "shuffle_buffer_mb": "MiB of decoded rows the streaming shuffle holds, over all processes (each holds "
+    "about its 1/N share); the shuffle holds at most --shuffle-buffer rows and this many bytes",
     "max_response_tokens": "skip stored rollouts whose response is longer than this (0 = keep all)",
     "sample_reduction": "per-sample token means are summed (paper) | averaged over the batch",
     "prompts_per_step": "online: prompts sampled per optimizer step (times --n rollouts each)",

@@ -85,12 +85,15 @@ class TrainConfig(TrainingFlags):
         },
     )
     shuffle_buffer: int = 4096
+    shuffle_buffer_mb: int = 1024
     finish_reasons: str = field(default="stop,length", metadata={"help": "keep rollouts that ended this way"})
     max_response_tokens: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1 row, got {self.shuffle_buffer}")
+        check(self.shuffle_buffer_mb >= 1, f"shuffle_buffer_mb must be >= 1, got {self.shuffle_buffer_mb}")
         check(
             not (self.gold_nll_coef > 0 and not self.gold_prompts),
             f"gold_nll_coef={self.gold_nll_coef} needs --gold-prompts (a prompt set with a 'solution' per prompt)",
@@ -214,8 +217,16 @@ def run(config: TrainConfig, log=print) -> Path:
         finish_reasons=tuple(r for r in config.finish_reasons.split(",") if r),
         max_response_length=config.max_response_tokens or None,
     )
+    # Every process walks the same shuffled order and decodes only its own rows of each batch.
     stream = RolloutStream(
-        stores, weights, shuffle_buffer=config.shuffle_buffer, seed=config.seed, row_filter=row_filter
+        stores,
+        weights,
+        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer_bytes=config.shuffle_buffer_mb * 2**20,
+        seed=config.seed,
+        row_filter=row_filter,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     run_id = config.run_id()
     start_step, state = runs.resume(accelerator, config, run_id, log, "stage 2")

@@ -26,15 +26,16 @@ def offline_step(
     check_batch=None,
 ) -> dict:
     """One optimizer step on the next ``batch_size`` stored rollouts (0-based ``step``). ``check_batch``
-    sees the global batch first (stage two's row check: a bad stored row stops the run, named)."""
+    sees this process's rows first (stage two's row check: a bad stored row stops the run, named)."""
     t0 = runs.timer()
     inputs.horizon = horizon_at(config.horizon_config(), step, store_horizon)
     rank, world = accelerator.process_index, accelerator.num_processes
-    # Every rank reads the same global batch and keeps its own slice: no sampler state to sync.
+    # Every rank walks the same global batch and decodes only its own slice (the stream hands out the
+    # others' rows as prompt_id stubs): no sampler state to sync, one rank's memory for its rows.
     global_rows = [next(stream) for _ in range(config.batch_size)]
-    if check_batch is not None:
-        check_batch(global_rows)
     rows = global_rows[rank::world]
+    if check_batch is not None:
+        check_batch(rows)
     # StableOPD: a prompt's one gold solution goes to the rank of its first rollout in the batch.
     first = {}
     for i, r in enumerate(global_rows):
