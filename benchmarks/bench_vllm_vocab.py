@@ -48,7 +48,8 @@ def one_run(model_dir: str, tokens: int | None, sequences: int, length: int, dev
     import numpy as np
     import torch
 
-    from lightning_opd.stage1.vllm_backend import VLLMEngineConfig, VLLMScorer, fit_scorer_engine
+    from lightning_opd.stage1.scorer_memory import fit_scorer_engine
+    from lightning_opd.stage1.vllm_backend import VLLMEngineConfig, VLLMScorer
 
     cuda = device.startswith("cuda")
     extra = {} if cuda else {"kv_cache_memory_bytes": 256 * 2**20}

@@ -131,7 +131,7 @@ def test_header_checks_engine_records(micro_store):
 
 def test_the_scorer_fits_its_step_to_the_vocabulary_and_the_memory_left_beside_vllm():
     """Issue 20: vLLM's prompt_logprobs takes ~6 B x tokens x vocabulary outside its memory profile."""
-    from lightning_opd.stage1.vllm_backend import scoring_batched_tokens
+    from lightning_opd.stage1.scorer_memory import scoring_batched_tokens
 
     gib = 2**30
     # An 80 GiB GPU, all free, vLLM at 0.92: 6.4 GiB beside it, half for 152k-vocabulary logits.

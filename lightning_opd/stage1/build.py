@@ -120,7 +120,8 @@ def make_scorer(config, log=print, served=None):
     if config.scoring_backend == "server":
         return (lambda prompts, responses: served.score(prompts, responses, config.topk)), (lambda: None)
     if config.scoring_backend == "vllm":
-        from lightning_opd.stage1.vllm_backend import VLLMScorer, fit_scorer_engine, running_settings
+        from lightning_opd.stage1.scorer_memory import fit_scorer_engine
+        from lightning_opd.stage1.vllm_backend import VLLMScorer, running_settings
 
         # vLLM caps top-k log-probs at max_logprobs (default 20): lift the cap to the asked top-k.
         engine = engine_config(config, "scoring_", max_logprobs=max(20, config.topk))
