@@ -450,6 +450,9 @@ class RolloutStream:
         """Restore a ``state_dict``; the stream then continues exactly where the saved one was. The
         epoch in progress is planned again (small columns only); no row before the saved point is
         decoded. Any number of processes may resume it: the global order does not depend on them."""
+        if isinstance(state, dict) and "shuffle_buffer_bytes" not in state:
+            # Written before the byte bound existed: that run's shuffle had none, and so has its rest.
+            self.shuffle_buffer_bytes = None
         self._check_compatible(state)
         self._mixer.bit_generator.state = state["mixer"]
         self._position = 0
@@ -466,9 +469,6 @@ class RolloutStream:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else state
             raise TrainingError(f"stream state version must be {STATE_VERSION}, got {found!r}")
-        if "shuffle_buffer_bytes" not in state:
-            # Written before the byte bound existed: that run's shuffle had none, and so has its rest.
-            self.shuffle_buffer_bytes = None
         mine = self.state_dict()
         differing = [
             k
