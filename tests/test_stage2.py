@@ -173,6 +173,8 @@ def test_exact_resume_after_a_crash(micro_store, sft_student_dir, tmp_path, monk
     assert any("resumed from" in line and "step 4" in line for line in logs)
     assert losses(crashed) == pytest.approx(losses(straight), abs=1e-6)
     assert model_fingerprint(crashed / "final") == model_fingerprint(straight / "final")
+    saved = json.loads((crashed / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert saved["stream"]["shuffle_buffer_bytes"] == 1024 * 2**20  # --shuffle-buffer-mb reaches the stream
 
 
 def test_resume_from_another_runs_checkpoint_is_refused(micro_store, sft_student_dir, tmp_path):
@@ -212,6 +214,8 @@ def test_nan_loss_stops_with_the_step_and_rows_and_saves_nothing(
         ({"stores": "{missing}"}, StoreError, "directory missing"),
         ({"stores": "{uncommitted}"}, StoreError, "manifest"),
         ({"horizon": "fixed", "horizon_tokens": 100}, ConfigError, "100"),
+        ({"shuffle_buffer_mb": 0}, ConfigError, "shuffle_buffer_mb must be >= 1"),
+        ({"shuffle_buffer": 0}, ConfigError, "shuffle_buffer must be >= 1"),
         ({"student": "{other_student}"}, TeacherConsistencyError, "sampled by student"),
         ({"objective": "topk", "stores": "{no_topk}"}, StoreError, "top-k"),
     ],
